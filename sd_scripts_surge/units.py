@@ -1,0 +1,300 @@
+"""Unit maps: which pieces of a diffusers `UNet2DConditionModel` the surge engine watches, and how they connect.
+
+A *unit* is a set of modules whose combined input → output we watch. Two maps come from one walk over the
+model (so they fit any SD1/SD2/SDXL-shaped UNet, real size or tiny):
+
+- ``mbw``: the merge-block-weight blocks of the original (ldm) layout. ``BASE`` = time (+ label/add)
+  embedding, ``INnn`` = ``input_blocks.nn``, ``M00`` = ``middle_block``, ``OUTnn`` = ``output_blocks.nn``,
+  ``out`` = final norm + conv. In diffusers terms: IN00 = conv_in; each down layer = resnets[j] (+ attentions[j]);
+  each downsampler its own block; each up layer = resnets[j] (+ attentions[j]) (+ upsamplers in the last layer
+  of a level). SDXL gives IN00–IN08 / OUT00–OUT08, SD1 IN00–IN11 / OUT00–OUT11.
+- ``fine``: every ResBlock, every transformer block (``transformer_blocks.k``) separately; a
+  Transformer2DModel's entry (norm + proj_in, ``….in``) and exit (proj_out + residual, ``….out``) are units
+  of their own so every parameter belongs to exactly one unit.
+
+Where a unit's input or output is not simply "input of the first module / output of the last", its
+`HookPoint`s say where to look (e.g. BASE's output is the ``temb`` argument the first ResBlock receives).
+
+The graph: units in execution order (chain edges between neighbours) plus the UNet's skip connections
+(down-side block i feeds the up-side block that pops its tensor). BASE is joined to the chain only at its
+start, although its output (temb) reaches every ResBlock: hops measure distance along the feature path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A tensor seen during the forward pass: the `arg`-th positional argument (or keyword `kw`) of `module`
+    when ``when == "input"``; its return value (first element of a tuple) when ``when == "output"``."""
+
+    module: str
+    when: str = "input"  # "input" | "output"
+    arg: int = 0
+    kw: str | None = None
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    name: str
+    kind: str  # embed, conv_in, down_layer, downsample, mid, up_layer, out, resnet, attn_in, tblock, attn_out, upsample
+    modules: tuple[str, ...]  # modules whose parameters belong to this unit, in execution order
+    input_at: HookPoint
+    output_at: HookPoint
+    attention: tuple[str, ...] = ()  # diffusers `Attention` modules inside (per-head statistics)
+    needs: tuple[str, ...] = ()  # shared side inputs needed to re-run alone: "temb", "context"
+    side_points: tuple[tuple[str, HookPoint], ...] = ()  # unit-specific side inputs ("add_embeds", "residual")
+    skip_from: str | None = None  # down-side unit whose output is concatenated onto this unit's input
+
+
+@dataclass(frozen=True)
+class UnitMap:
+    name: str
+    units: tuple[UnitSpec, ...]  # execution (chain) order
+    skips: tuple[tuple[str, str], ...]  # (down-side source, up-side consumer)
+
+    @property
+    def names(self) -> list[str]:
+        return [u.name for u in self.units]
+
+    def __getitem__(self, name: str) -> UnitSpec:
+        for u in self.units:
+            if u.name == name:
+                return u
+        raise KeyError(f"unit {name!r} is not in unit map {self.name!r} (units: {', '.join(self.names)})")
+
+    def index(self, name: str) -> int:
+        return self.names.index(self[name].name)
+
+    def edges(self) -> list[tuple[str, str]]:
+        chain = [(a.name, b.name) for a, b in zip(self.units, self.units[1:])]
+        return chain + list(self.skips)
+
+    def fingerprint(self) -> str:
+        """Stable hash of the map (names, modules, hook points): part of the flavor cache key."""
+        data = json.dumps({"name": self.name, "units": [asdict(u) for u in self.units], "skips": self.skips},
+                          sort_keys=True)
+        return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------- the walk
+
+
+@dataclass
+class _Layer:
+    """One ldm block (input_blocks.n / middle_block / output_blocks.n / BASE / out) and its fine units."""
+
+    side: str  # "base" | "in" | "mid" | "out_blocks" | "final"
+    mbw: UnitSpec
+    fine: list[UnitSpec] = field(default_factory=list)
+
+
+def _attention_modules(unet: nn.Module, prefix: str) -> tuple[str, ...]:
+    from diffusers.models.attention_processor import Attention
+
+    return tuple(f"{prefix}.{n}" for n, m in unet.get_submodule(prefix).named_modules() if isinstance(m, Attention))
+
+
+def _fine_transformer(unet: nn.Module, t2d: str, skip_from: str | None = None) -> list[UnitSpec]:
+    """Split one Transformer2DModel into entry, blocks and exit units."""
+    n_blocks = len(unet.get_submodule(t2d).transformer_blocks)
+    blocks = [f"{t2d}.transformer_blocks.{k}" for k in range(n_blocks)]
+    units = [UnitSpec(f"{t2d}.in", "attn_in", (f"{t2d}.norm", f"{t2d}.proj_in"), HookPoint(t2d, "input"),
+                      HookPoint(blocks[0], "input"))]
+    for b in blocks:
+        units.append(UnitSpec(b, "tblock", (b,), HookPoint(b, "input"), HookPoint(b, "output"),
+                              attention=_attention_modules(unet, b), needs=("context",)))
+    units.append(UnitSpec(f"{t2d}.out", "attn_out", (f"{t2d}.proj_out",), HookPoint(blocks[-1], "output"),
+                          HookPoint(t2d, "output"), side_points=(("residual", HookPoint(t2d, "input")),)))
+    return units
+
+
+def _walk(unet: nn.Module) -> list[_Layer]:
+    first_resnet = "down_blocks.0.resnets.0"
+    layers: list[_Layer] = []
+
+    base_modules = ("time_embedding",)
+    side_points: tuple[tuple[str, HookPoint], ...] = ()
+    if getattr(unet, "add_embedding", None) is not None:
+        base_modules += ("add_embedding",)
+        side_points = (("add_embeds", HookPoint("add_embedding", "input")),)
+    if getattr(unet, "class_embedding", None) is not None:
+        raise ValueError("UNets with class_embedding are not supported by the unit maps (only SD1/SD2/SDXL shapes)")
+    base = UnitSpec("BASE", "embed", base_modules, HookPoint("time_embedding", "input"),
+                    HookPoint(first_resnet, "input", 1, "temb"), side_points=side_points)
+    layers.append(_Layer("base", base, [UnitSpec(**{**_fields(base), "name": "time_embed"})]))
+
+    conv_in = UnitSpec("IN00", "conv_in", ("conv_in",), HookPoint("conv_in", "input"), HookPoint("conv_in", "output"))
+    layers.append(_Layer("in", conv_in, [UnitSpec("conv_in", "conv_in", ("conv_in",), conv_in.input_at,
+                                                  conv_in.output_at)]))
+
+    def resnet_unit(path: str) -> UnitSpec:
+        return UnitSpec(path, "resnet", (path,), HookPoint(path, "input"), HookPoint(path, "output"), needs=("temb",))
+
+    for i, block in enumerate(unet.down_blocks):
+        attns = getattr(block, "attentions", None)
+        for j in range(len(block.resnets)):
+            res = f"down_blocks.{i}.resnets.{j}"
+            mods: tuple[str, ...] = (res,)
+            fine = [resnet_unit(res)]
+            needs: tuple[str, ...] = ("temb",)
+            if attns is not None and len(attns) > j:
+                t2d = f"down_blocks.{i}.attentions.{j}"
+                mods += (t2d,)
+                fine += _fine_transformer(unet, t2d)
+                needs = ("temb", "context")
+            attention = _attention_modules(unet, mods[1]) if len(mods) > 1 else ()
+            mbw = UnitSpec(f"IN{len(layers) - 1:02d}", "down_layer", mods, HookPoint(res, "input"),
+                           HookPoint(mods[-1], "output"), attention=attention, needs=needs)
+            layers.append(_Layer("in", mbw, fine))
+        if getattr(block, "downsamplers", None):
+            ds = f"down_blocks.{i}.downsamplers.0"
+            spec = UnitSpec(f"IN{len(layers) - 1:02d}", "downsample", (ds,), HookPoint(ds, "input"),
+                            HookPoint(ds, "output"))
+            layers.append(_Layer("in", spec, [UnitSpec(ds, "downsample", (ds,), spec.input_at, spec.output_at)]))
+
+    mid = unet.mid_block
+    if mid is not None:
+        fine = [resnet_unit("mid_block.resnets.0")]
+        for k in range(len(getattr(mid, "attentions", []))):
+            fine += _fine_transformer(unet, f"mid_block.attentions.{k}")
+            fine.append(resnet_unit(f"mid_block.resnets.{k + 1}"))
+        layers.append(_Layer("mid", UnitSpec("M00", "mid", ("mid_block",), HookPoint("mid_block", "input"),
+                                             HookPoint("mid_block", "output"),
+                                             attention=_attention_modules(unet, "mid_block"),
+                                             needs=("temb", "context")), fine))
+
+    n_out = 0
+    for i, block in enumerate(unet.up_blocks):
+        attns = getattr(block, "attentions", None)
+        n = len(block.resnets)
+        for j in range(n):
+            res = f"up_blocks.{i}.resnets.{j}"
+            mods = (res,)
+            fine = [resnet_unit(res)]
+            needs = ("temb",)
+            attention: tuple[str, ...] = ()
+            if attns is not None and len(attns) > j:
+                t2d = f"up_blocks.{i}.attentions.{j}"
+                mods += (t2d,)
+                fine += _fine_transformer(unet, t2d)
+                needs = ("temb", "context")
+                attention = _attention_modules(unet, t2d)
+            if j == n - 1 and getattr(block, "upsamplers", None):
+                up = f"up_blocks.{i}.upsamplers.0"
+                mods += (up,)
+                fine.append(UnitSpec(up, "upsample", (up,), HookPoint(up, "input"), HookPoint(up, "output")))
+            mbw = UnitSpec(f"OUT{n_out:02d}", "up_layer", mods, HookPoint(res, "input"), HookPoint(mods[-1], "output"),
+                           attention=attention, needs=needs)
+            layers.append(_Layer("out_blocks", mbw, fine))
+            n_out += 1
+
+    out_mods = tuple(m for m in ("conv_norm_out", "conv_act", "conv_out") if getattr(unet, m, None) is not None)
+    out = UnitSpec("out", "out", out_mods, HookPoint(out_mods[0], "input"), HookPoint("conv_out", "output"))
+    layers.append(_Layer("final", out, [out]))
+    return layers
+
+
+def _fields(spec: UnitSpec) -> dict:
+    return {k: getattr(spec, k) for k in spec.__dataclass_fields__}
+
+
+def _with_skips(units: list[UnitSpec], sources: list[str], consumers: list[str]) -> tuple[list[UnitSpec], list]:
+    """Pair skip sources and consumers like the UNet does: the up side pops the most recent down-side tensor."""
+    if len(sources) != len(consumers):
+        raise ValueError(f"UNet has {len(sources)} skip tensors but {len(consumers)} up-side layers")
+    pairs = list(zip(reversed(sources), consumers))
+    by_consumer = dict((c, s) for s, c in pairs)
+    units = [UnitSpec(**{**_fields(u), "skip_from": by_consumer[u.name]}) if u.name in by_consumer else u
+             for u in units]
+    return units, pairs
+
+
+def mbw_unit_map(unet: nn.Module) -> UnitMap:
+    """The MBW-granularity map (BASE, INnn, M00, OUTnn, out)."""
+    layers = _walk(unet)
+    units = [layer.mbw for layer in layers]
+    sources = [layer.mbw.name for layer in layers if layer.side == "in"]
+    consumers = [layer.mbw.name for layer in layers if layer.side == "out_blocks"]
+    units, pairs = _with_skips(units, sources, consumers)
+    return UnitMap("mbw", tuple(units), tuple(pairs))
+
+
+def fine_unit_map(unet: nn.Module) -> UnitMap:
+    """Every ResBlock, transformer block, down/upsampler separately (plus BASE, conv_in, out)."""
+    layers = _walk(unet)
+    units = [u for layer in layers for u in layer.fine]
+    sources = [layer.fine[-1].name for layer in layers if layer.side == "in"]
+    consumers = [layer.fine[0].name for layer in layers if layer.side == "out_blocks"]
+    units, pairs = _with_skips(units, sources, consumers)
+    return UnitMap("fine", tuple(units), tuple(pairs))
+
+
+UNIT_MAPS: dict[str, Callable[[nn.Module], UnitMap]] = {"mbw": mbw_unit_map, "fine": fine_unit_map}
+
+
+def build_unit_map(unet: nn.Module, name: str = "mbw") -> UnitMap:
+    """Build a registered unit map by name (`--surge_unit_map`)."""
+    try:
+        builder = UNIT_MAPS[name]
+    except KeyError:
+        raise ValueError(f"unknown unit map {name!r}; choose one of: {', '.join(UNIT_MAPS)}") from None
+    return builder(unet)
+
+
+# ---------------------------------------------------------------------------------------------- the graph
+
+
+def hop_distances(unit_map: UnitMap) -> dict[str, dict[str, int]]:
+    """All-pairs hop counts along the UNet graph (chain + skips, undirected), by breadth-first search."""
+    adjacency: dict[str, set[str]] = {n: set() for n in unit_map.names}
+    for a, b in unit_map.edges():
+        adjacency[a].add(b)
+        adjacency[b].add(a)
+    result: dict[str, dict[str, int]] = {}
+    for start in unit_map.names:
+        dist = {start: 0}
+        queue = deque([start])
+        while queue:
+            node = queue.popleft()
+            for nxt in sorted(adjacency[node]):
+                if nxt not in dist:
+                    dist[nxt] = dist[node] + 1
+                    queue.append(nxt)
+        result[start] = dist
+    return result
+
+
+# ------------------------------------------------------------------------------------------ parameter owners
+
+
+def unit_of_module_path(unit_map: UnitMap) -> Callable[[str], str | None]:
+    """Return a function mapping a parameter or LoRA module name to its unit (None when it belongs to none).
+
+    Accepts diffusers names (``down_blocks.1.attentions.0.proj_in.weight``, optionally prefixed ``unet.``) and
+    kohya LoRA names (``lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight``): both are compared
+    with dots turned into underscores, the longest owning module prefix wins.
+    """
+    owners = sorted(((m.replace(".", "_"), u.name) for u in unit_map.units for m in u.modules),
+                    key=lambda x: -len(x[0]))
+
+    def lookup(name: str) -> str | None:
+        flat = name
+        for prefix in ("lora_unet_", "unet.", "model.diffusion_model."):
+            if flat.startswith(prefix):
+                flat = flat[len(prefix):]
+        flat = flat.replace(".", "_")
+        for owner, unit in owners:
+            if flat == owner or flat.startswith(owner + "_"):
+                return unit
+        return None
+
+    return lookup
