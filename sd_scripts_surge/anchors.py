@@ -130,8 +130,12 @@ class UnitStatsAccumulator:
 
     def all_reduce(self) -> None:
         """Sum the statistics over all processes (no-op without an initialised torch.distributed)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.sums, op=torch.distributed.ReduceOp.SUM)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            nccl = dist.get_backend() == "nccl"
+            buf = self.sums.to(torch.device("cuda", torch.cuda.current_device())) if nccl else self.sums
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            self.sums = buf.cpu()
 
     def finalize(self) -> UnitStats:
         count = self.sums[STATISTICS.index("count")]
