@@ -1,0 +1,161 @@
+"""Teacher flavor cache: reuse, rebuild on key change, corrupt/truncated shards, cached == live loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from surge_helpers import perturbed_copy, restore_threads, tiny_probes, tiny_teacher, use_one_thread
+
+from sd_scripts_surge.capture import CaptureOptions, UnitCapture, capture_flavor
+from sd_scripts_surge.flavors import (
+    build_or_load_flavors,
+    flavor_from_tensors,
+    flavor_to_tensors,
+    hash_state_dict,
+    lora_set_key,
+    make_cache_key,
+)
+from sd_scripts_surge.losses import (
+    alpha_sigma,
+    output_kd_loss,
+    scaled_linear_alphas_cumprod,
+    teacher_scales,
+    trajectory_loss,
+)
+from sd_scripts_surge.units import mbw_unit_map
+
+setup_module, teardown_module = use_one_thread, restore_threads
+
+
+class Counter:
+    def __init__(self, unet):
+        self.calls = 0
+        unet.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *args):
+        self.calls += 1
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    teacher = tiny_teacher(0)
+    unit_map = mbw_unit_map(teacher)
+    probes = tiny_probes(num_conditions=1, seeds=(0, 1))  # 4 probes
+    options = CaptureOptions()
+    key = make_cache_key(teacher, probes, unit_map, torch.float32, options)
+    return teacher, unit_map, probes, options, key, tmp_path / "flavors"
+
+
+def build(setup, log=None, **kw):
+    teacher, unit_map, probes, options, key, directory = setup
+    messages = []
+    store = build_or_load_flavors(directory, teacher, unit_map, probes, kw.pop("key", key), batch_size=2,
+                                  options=options, log=messages.append, **kw)
+    return store, messages
+
+
+def test_build_then_reuse(setup):
+    teacher = setup[0]
+    counter = Counter(teacher)
+    store, messages = build(setup)
+    assert counter.calls == 2 and len(store) == 2
+    assert any("≈" in m and "MB" in m for m in messages)  # estimate printed
+    manifest = json.loads((setup[5] / "manifest.json").read_text())
+    assert manifest["complete"] and all(len(s["sha256"]) == 64 for s in manifest["shards"])
+    store2, messages = build(setup)
+    assert counter.calls == 2  # nothing recaptured
+    assert "reusing" in messages[-1]
+    a, b = store.load(1), store2.load(1)
+    assert torch.equal(a.units["OUT03"].output, b.units["OUT03"].output)
+    assert store.probe_indices(1) == [2, 3]
+
+
+def test_key_change_rebuilds(setup):
+    teacher, unit_map, probes, options, key, directory = setup
+    build(setup)
+    counter = Counter(teacher)
+    with torch.no_grad():
+        teacher.conv_in.bias.add_(0.01)
+    new_key = make_cache_key(teacher, probes, unit_map, torch.float32, options)
+    assert new_key.digest() != key.digest()
+    _, messages = build(setup, key=new_key)
+    assert counter.calls == 2 and any("rebuilding" in m for m in messages)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_shard_is_detected_and_rebuilt(setup, damage):
+    store, _ = build(setup)
+    original = store.load(0).units["M00"].output.clone()
+    shard = setup[5] / store.manifest["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    if damage == "flip":
+        data[-5] ^= 0xFF  # inside tensor data: header still parses, checksum does not
+        shard.write_bytes(bytes(data))
+    elif damage == "truncate":
+        shard.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        shard.unlink()
+    counter = Counter(setup[0])
+    store2, messages = build(setup)
+    assert counter.calls == 1  # only the damaged shard
+    assert any("invalid" in m for m in messages)
+    assert torch.equal(store2.load(0).units["M00"].output, original)
+
+
+def test_hashes():
+    a, b = tiny_teacher(0), tiny_teacher(0)
+    assert hash_state_dict(a) == hash_state_dict(b)
+    with torch.no_grad():
+        b.conv_out.weight[0, 0, 0, 0] += 1e-6
+    assert hash_state_dict(a) != hash_state_dict(b)
+
+
+def test_lora_set_key(tmp_path):
+    f = tmp_path / "a.safetensors"
+    f.write_bytes(b"abc")
+    key = lora_set_key([(f, 0.5)])
+    assert key[0][1] == 0.5 and len(key[0][0]) == 64
+    assert lora_set_key([(f, 0.7)]) != key
+
+
+def test_flavor_tensor_round_trip():
+    teacher = tiny_teacher(0)
+    probes = tiny_probes(num_conditions=1, seeds=(0,), timesteps=(300,))
+    with torch.no_grad():
+        _, flavor = capture_flavor(teacher, mbw_unit_map(teacher), probes.unet_kwargs([0]))
+    back = flavor_from_tensors(flavor_to_tensors(flavor))
+    for name, f in flavor.units.items():
+        g = back.units[name]
+        assert torch.equal(f.output, g.output) and torch.equal(f.input, g.input) and torch.equal(f.topk, g.topk)
+        assert f.time_s == g.time_s and set(f.side) == set(g.side) and set(f.heads) == set(g.heads)
+    assert torch.equal(back.shared["temb"], flavor.shared["temb"])
+    assert torch.equal(back.model_output, flavor.model_output)
+
+
+def test_loss_from_cache_equals_loss_from_live_teacher(setup):
+    teacher, unit_map, probes, options, key, directory = setup
+    store, _ = build(setup)
+    student = perturbed_copy(teacher, unit_map, ["IN05"], seed=3)
+    acp = scaled_linear_alphas_cumprod()
+    units = ["IN04", "IN05", "IN06", "OUT03"]
+
+    def loss_against(teacher_flavor, idx):
+        with UnitCapture(student, unit_map, CaptureOptions(keep_graph=True, head_stats=False)) as cap:
+            student(**probes.unet_kwargs(idx))
+            s = cap.take()
+        a, sg = alpha_sigma(acp, probes.timesteps[idx])
+        t_pairs = {u: (teacher_flavor.units[u].input, teacher_flavor.units[u].output) for u in units}
+        s_pairs = {u: (s.units[u].input, s.units[u].output) for u in units}
+        scales = teacher_scales({u: t_pairs[u][1] for u in units})
+        return output_kd_loss(s.model_output, teacher_flavor.model_output) + trajectory_loss(
+            s_pairs, t_pairs, a, sg, scales, traj_weight=0.5)
+
+    for i in range(len(store)):
+        idx = store.probe_indices(i)
+        cached = loss_against(store.load(i), idx)
+        with torch.no_grad():
+            _, live = capture_flavor(teacher, unit_map, probes.unet_kwargs(idx), options)
+        assert cached.item() > 0
+        assert torch.equal(cached, loss_against(live, idx))
