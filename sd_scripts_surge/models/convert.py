@@ -393,9 +393,7 @@ def convert_open_clip_to_ldm(state_dict: Mapping[str, Tensor]) -> dict[str, Tens
     return out
 
 
-def convert_open_clip_from_ldm(
-    state_dict: Mapping[str, Tensor], unknown: list[str] | None = None
-) -> dict[str, Tensor]:
+def convert_open_clip_from_ldm(state_dict: Mapping[str, Tensor], unknown: list[str] | None = None) -> dict[str, Tensor]:
     """OpenCLIP text tower names (no prefix) -> canonical HF CLIPTextModelWithProjection names.
 
     `logit_scale` (a CLIP training scalar with no use in SDXL) is not part of the result; read it from the

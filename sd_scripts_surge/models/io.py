@@ -81,7 +81,7 @@ def precision_dtype(precision: str | torch.dtype) -> torch.dtype:
 
 
 def detect_arch(keys: Iterable[str]) -> str:
-    """"sdxl" or "sd1" from the key set of a single-file checkpoint in the ldm/sgm layout.
+    """ "sdxl" or "sd1" from the key set of a single-file checkpoint in the ldm/sgm layout.
 
     Raises CheckpointError for layouts we do not load (SD2, SDXL refiner, SD3, Flux, diffusers-named files).
     """
@@ -762,9 +762,7 @@ def _scheduler_config(bundle: ModelBundle) -> dict[str, Any]:
     }
 
 
-def save_diffusers(
-    bundle: ModelBundle, folder: str | os.PathLike, *, precision: str | torch.dtype = "float"
-) -> Path:
+def save_diffusers(bundle: ModelBundle, folder: str | os.PathLike, *, precision: str | torch.dtype = "float") -> Path:
     """Write the bundle as a diffusers folder (loads with `DiffusionPipeline.from_pretrained(folder)`).
 
     Written into a temp folder beside the target and renamed into place; an existing folder is replaced only
