@@ -170,7 +170,7 @@ def _finite(x: float) -> float:
 class ZoneRules:
     anchor_cos: float = 0.98
     anchor_jaccard: float = 0.5
-    high_ratio: float = 1.5
+    high_ratio: float = 2.0
     slow_cv: float = 0.5
     slow_min_ratio: float = 0.1
     slow_time_ratio: float | None = 2.0  # None: ignore timing (e.g. in reproducibility tests)
