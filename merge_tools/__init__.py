@@ -1,0 +1,6 @@
+"""FP64 streaming merge tools: methods registry, MBW block maps, TOML recipes, a memory-bounded engine.
+
+Entry points: ``merge_tools.engine.merge(recipe, output, options)``, ``merge_tools.recipe.load_recipe(path)``,
+``merge_tools.recipe.single_method(name, inputs, params)``, ``merge_tools.methods.get(name)`` (pure tensor
+functions), and the ``sd-merge`` CLI (``merge_tools.cli.main``).
+"""

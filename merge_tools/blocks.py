@@ -1,0 +1,204 @@
+"""Architecture detection by key set, and the key → MBW block map (supermerger's convention).
+
+Blocks
+- SD1 / SD2 (26): BASE, IN00–IN11, M00, OUT00–OUT11.   SDXL (20): BASE, IN00–IN08, M00, OUT00–OUT08.
+  UNet ``input_blocks.N`` → INnn, ``middle_block`` → M00, ``output_blocks.N`` → OUTnn; ``time_embed`` and
+  ``label_emb`` → BASE (before the input blocks); the final ``out.`` (norm + conv) → the last OUT block;
+  every key outside the UNet (text encoders, VAE, scheduler buffers) → BASE. This is supermerger's
+  ``blockfromkey`` convention (sd-mecha's ``convert_sd1_blocks_to_ldm`` documents the same sources).
+  Diffusers UNet keys map to the same blocks: conv_in → IN00, down_blocks.i.{resnets,attentions}.j →
+  IN(1+3i+j), down_blocks.i.downsamplers → IN(3i+3), mid_block → M00, up_blocks.i.{resnets,attentions}.j →
+  OUT(3i+j), up_blocks.i.upsamplers → OUT(3i+2), conv_norm_out/conv_out → last OUT, time/add embeddings → BASE.
+- SD3: BASE + JB00… (one per ``joint_blocks.N`` / diffusers ``transformer_blocks.N``).
+- Flux: BASE + DB00… (``double_blocks.N`` / diffusers ``transformer_blocks.N``) + SB00…
+  (``single_blocks.N`` / ``single_transformer_blocks.N``).
+Unknown architectures have no block map: they merge per key, and MBW weights are refused.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+_INP = re.compile(r"(?:^|\.)input_blocks\.(\d+)\.")
+_MID = re.compile(r"(?:^|\.)middle_block\.")
+_OUT = re.compile(r"(?:^|\.)output_blocks\.(\d+)\.")
+_D_DOWN = re.compile(r"(?:^|\.)down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.")
+_D_UP = re.compile(r"(?:^|\.)up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.")
+_JOINT = re.compile(r"(?:^|\.)joint_blocks\.(\d+)\.")
+_DOUBLE = re.compile(r"(?:^|\.)double_blocks\.(\d+)\.")
+_SINGLE = re.compile(r"(?:^|\.)single_blocks\.(\d+)\.")
+_D_SINGLE = re.compile(r"(?:^|\.)single_transformer_blocks\.(\d+)\.")
+_D_TRANSFORMER = re.compile(r"(?:^|\.)transformer_blocks\.(\d+)\.")
+UNET_PREFIX = "model.diffusion_model."
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # sd1, sd2, sdxl, sd3, flux, unknown
+    layout: str  # ldm (single-file original layout), diffusers, or "" when unknown
+    blocks: tuple[str, ...]  # MBW block names in order; empty when unknown
+
+    @property
+    def known(self) -> bool:
+        return bool(self.blocks)
+
+
+def unet_blocks(n_in: int, n_out: int) -> tuple[str, ...]:
+    return ("BASE", *(f"IN{i:02d}" for i in range(n_in)), "M00", *(f"OUT{i:02d}" for i in range(n_out)))
+
+
+SD1_BLOCKS = unet_blocks(12, 12)
+SDXL_BLOCKS = unet_blocks(9, 9)
+UNKNOWN = Architecture("unknown", "", ())
+
+
+def _max_index(keys: Sequence[str], pattern: re.Pattern[str]) -> int:
+    best = -1
+    for k in keys:
+        if m := pattern.search(k):
+            best = max(best, int(m.group(1)))
+    return best
+
+
+def _context_dim(shapes: Mapping[str, Sequence[int]], suffix: str) -> int | None:
+    for k, shape in shapes.items():
+        if k.endswith(suffix) and len(shape) == 2:
+            return int(shape[1])
+    return None
+
+
+def detect_architecture(shapes: Mapping[str, Sequence[int]]) -> Architecture:
+    """Name the architecture from a checkpoint's key → shape map (shapes tell SD1 from SD2)."""
+    keys = list(shapes)
+    if any(_JOINT.search(k) for k in keys):
+        n = _max_index(keys, _JOINT) + 1
+        return Architecture("sd3", "ldm", ("BASE", *(f"JB{i:02d}" for i in range(n))))
+    if any(_DOUBLE.search(k) for k in keys) and any(_SINGLE.search(k) for k in keys):
+        nd, ns = _max_index(keys, _DOUBLE) + 1, _max_index(keys, _SINGLE) + 1
+        return Architecture(
+            "flux", "ldm", ("BASE", *(f"DB{i:02d}" for i in range(nd)), *(f"SB{i:02d}" for i in range(ns)))
+        )
+    if any(_D_SINGLE.search(k) for k in keys):
+        nd, ns = _max_index(keys, _D_TRANSFORMER) + 1, _max_index(keys, _D_SINGLE) + 1
+        # _D_TRANSFORMER also matches inside single_transformer_blocks; count double blocks without them
+        nd = _max_index([k for k in keys if "single_transformer_blocks" not in k], _D_TRANSFORMER) + 1
+        return Architecture(
+            "flux", "diffusers", ("BASE", *(f"DB{i:02d}" for i in range(nd)), *(f"SB{i:02d}" for i in range(ns)))
+        )
+    if (
+        any(_D_TRANSFORMER.search(k) for k in keys)
+        and any("context_embedder" in k for k in keys)
+        and any("pos_embed" in k for k in keys)
+    ):
+        n = _max_index(keys, _D_TRANSFORMER) + 1
+        return Architecture("sd3", "diffusers", ("BASE", *(f"JB{i:02d}" for i in range(n))))
+    if any(_INP.search(k) for k in keys):
+        if any(".label_emb." in k for k in keys) or _max_index(keys, _INP) <= 8:
+            return Architecture("sdxl", "ldm", SDXL_BLOCKS)
+        ctx = _context_dim(shapes, "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+        sd2 = ctx == 1024 or any(k.startswith("cond_stage_model.model.") for k in keys)
+        return Architecture("sd2" if sd2 else "sd1", "ldm", SD1_BLOCKS)
+    if any(_D_DOWN.search(k) for k in keys):
+        if any("add_embedding." in k for k in keys):
+            return Architecture("sdxl", "diffusers", SDXL_BLOCKS)
+        ctx = _context_dim(shapes, "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight")
+        return Architecture("sd2" if ctx == 1024 else "sd1", "diffusers", SD1_BLOCKS)
+    return UNKNOWN
+
+
+def block_of(key: str, arch: Architecture) -> str | None:
+    """The MBW block of a key (None for unknown architectures)."""
+    if not arch.known:
+        return None
+    if arch.name in ("sd1", "sd2", "sdxl"):
+        last_out = arch.blocks[-1]
+        if arch.layout == "ldm":
+            if not key.startswith(UNET_PREFIX):
+                return "BASE"
+            if ".time_embed" in key or ".label_emb" in key:
+                return "BASE"
+            if ".out." in key:
+                return last_out
+            if m := _INP.search(key):
+                return f"IN{int(m.group(1)):02d}"
+            if _MID.search(key):
+                return "M00"
+            if m := _OUT.search(key):
+                return f"OUT{int(m.group(1)):02d}"
+            return last_out
+        if "time_embedding" in key or "add_embedding" in key:
+            return "BASE"
+        if "conv_in." in key and "down_blocks" not in key:
+            return "IN00"
+        if m := _D_DOWN.search(key):
+            i, kind, j = int(m.group(1)), m.group(2), int(m.group(3))
+            return f"IN{3 * i + 3:02d}" if kind == "downsamplers" else f"IN{1 + 3 * i + j:02d}"
+        if "mid_block." in key:
+            return "M00"
+        if m := _D_UP.search(key):
+            i, kind, j = int(m.group(1)), m.group(2), int(m.group(3))
+            return f"OUT{3 * i + 2:02d}" if kind == "upsamplers" else f"OUT{3 * i + j:02d}"
+        if "conv_norm_out." in key or "conv_out." in key:
+            return last_out
+        return "BASE"
+    if arch.name == "sd3":
+        m = _JOINT.search(key) if arch.layout == "ldm" else _D_TRANSFORMER.search(key)
+        return f"JB{int(m.group(1)):02d}" if m else "BASE"
+    if arch.name == "flux":
+        if arch.layout == "ldm":
+            if m := _DOUBLE.search(key):
+                return f"DB{int(m.group(1)):02d}"
+            if m := _SINGLE.search(key):
+                return f"SB{int(m.group(1)):02d}"
+            return "BASE"
+        if m := _D_SINGLE.search(key):
+            return f"SB{int(m.group(1)):02d}"
+        if m := _D_TRANSFORMER.search(key):
+            return f"DB{int(m.group(1)):02d}"
+        return "BASE"
+    return None
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """A parameter value per MBW block: from a list in block order, or a {block: value} table."""
+
+    values: tuple[tuple[str, float], ...]
+    default: float | None = None
+
+    @staticmethod
+    def parse(spec: Any, arch: Architecture, param: str, default: float | None = None) -> BlockWeights:
+        if not arch.known:
+            raise ValueError(
+                f"block weights for {param!r} need a known architecture (SD1/SD2/SDXL/SD3/Flux); "
+                "these inputs were not recognised, so merge with a single value instead"
+            )
+        if isinstance(spec, str):
+            spec = [float(v) for v in spec.replace(" ", "").split(",") if v]
+        if isinstance(spec, Mapping):
+            unknown = sorted(set(spec) - set(arch.blocks))
+            if unknown:
+                raise ValueError(
+                    f"{param}: unknown block(s) {unknown} for {arch.name}; blocks are {', '.join(arch.blocks)}"
+                )
+            missing = [b for b in arch.blocks if b not in spec]
+            if missing and default is None:
+                raise ValueError(f"{param}: no value for block(s) {missing} and no default value")
+            return BlockWeights(tuple((b, float(spec[b])) for b in arch.blocks if b in spec), default)
+        spec = list(spec)
+        if len(spec) != len(arch.blocks):
+            raise ValueError(
+                f"{param}: {len(spec)} block weights given, {arch.name} has {len(arch.blocks)} "
+                f"({arch.blocks[0]}, {arch.blocks[1]} … {arch.blocks[-1]})"
+            )
+        return BlockWeights(tuple(zip(arch.blocks, (float(v) for v in spec))), default)
+
+    def value(self, block: str) -> float:
+        for b, v in self.values:
+            if b == block:
+                return v
+        assert self.default is not None
+        return self.default

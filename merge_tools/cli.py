@@ -1,0 +1,166 @@
+"""`sd-merge` (also `python -m merge_tools`): one method over model files, or a TOML recipe.
+
+    sd-merge ties --base base.safetensors a.safetensors b.safetensors -o out.safetensors --k 0.2
+    sd-merge soup a.safetensors b.safetensors c.safetensors -o soup.safetensors --dtype fp16
+    sd-merge add_difference a.safetensors b.safetensors c.safetensors -o out.safetensors --alpha 0.5 \\
+        --mbw 0,1,1,1,1,1,1,1,1,1,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5   # SDXL: 20 block weights
+    sd-merge recipe examples/merge_ties_then_add_difference.toml -o out.safetensors
+    sd-merge methods          # list methods and their parameters
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from merge_tools import methods
+from merge_tools.engine import MergeOptions, merge
+from merge_tools.io import parse_size
+from merge_tools.recipe import Recipe, RecipeError, load_recipe, single_method
+from sd_scripts_surge.fileio import CheckpointError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", required=True, help="output .safetensors (never one of the inputs)")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="output dtype (default fp16)")
+    p.add_argument("--compute-dtype", choices=["fp64", "fp32"], default=None, help="math dtype (default fp64)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--memory-budget", default=None, help="peak memory, e.g. 4GB (default: 25%% of available RAM)")
+    p.add_argument(
+        "--missing-keys",
+        choices=["error", "skip", "base"],
+        default="error",
+        help="a key missing from some inputs: stop (default), leave it out, or use the base model's",
+    )
+    p.add_argument(
+        "--check-finite",
+        choices=["stream", "pre", "off"],
+        default="stream",
+        help="NaN/Inf check: while merging (default), full scan before starting, or off",
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted merge from its journal")
+    p.add_argument("--seed", type=int, default=None, help="seed of DARE/DELLA masks (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-chunk-elements", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _param_flag(name: str) -> list[str]:
+    flags = [f"--{name}"]
+    if "_" in name:
+        flags.append(f"--{name.replace('_', '-')}")
+    if name == "lam":
+        flags.append("--lambda")
+    return flags
+
+
+def _add_method(sub: Any, spec: methods.MethodSpec) -> None:
+    p = sub.add_parser(spec.name, help=spec.summary, description=spec.summary)
+    if spec.inputs == "base+models":
+        p.add_argument("--base", required=True, help="base model (θ_base); deltas are τ_i = θ_i − θ_base")
+        p.add_argument("models", nargs="+", help="models to merge")
+    elif isinstance(spec.inputs, int):
+        p.add_argument("models", nargs=spec.inputs, help=f"exactly {spec.inputs} models, in formula order")
+    else:
+        p.add_argument("models", nargs="+", help="models to merge")
+    group = p.add_argument_group("method parameters")
+    for name, default in spec.params.items():
+        dest = f"param_{name}"
+        if isinstance(default, bool):
+            group.add_argument(*_param_flag(name), dest=dest, action="store_true", default=None)
+        elif name == "weights":
+            group.add_argument(
+                *_param_flag(name),
+                dest=dest,
+                default=None,
+                type=lambda s: [float(v) for v in s.split(",")],
+                help="comma-separated weights",
+            )
+        else:
+            kind = int if isinstance(default, int) else float
+            group.add_argument(*_param_flag(name), dest=dest, type=kind, default=None, help=f"default {default}")
+    if spec.strength:
+        group.add_argument(
+            "--mbw",
+            default=None,
+            help=f"block weights for {spec.strength!r}: comma list in block order (SD1 26, SDXL 20)",
+        )
+    _add_common(p)
+    p.set_defaults(method=spec.name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sd-merge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for spec in methods.REGISTRY.values():
+        _add_method(sub, spec)
+    r = sub.add_parser("recipe", help="run a TOML recipe (nested methods, MBW)")
+    r.add_argument("recipe", help="recipe .toml")
+    _add_common(r)
+    r.set_defaults(method=None)
+    sub.add_parser("methods", help="list merge methods and their parameters").set_defaults(method=None)
+    return parser
+
+
+def _recipe_from_args(args: argparse.Namespace) -> Recipe:
+    if args.command == "recipe":
+        return load_recipe(args.recipe)
+    spec = methods.get(args.method)
+    params = {k[len("param_") :]: v for k, v in vars(args).items() if k.startswith("param_") and v is not None}
+    if getattr(args, "mbw", None):
+        params[spec.strength] = [float(v) for v in args.mbw.split(",")]
+    inputs = ([args.base] if spec.inputs == "base+models" else []) + list(args.models)
+    return single_method(spec.name, inputs, params)
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # lets the engine flush its journal, so --resume can continue
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "methods":
+        for spec in methods.REGISTRY.values():
+            inputs = {"models": "models…", "base+models": "--base B models…"}.get(
+                str(spec.inputs), f"{spec.inputs} models"
+            )
+            params = ", ".join(f"{k}={v}" for k, v in spec.params.items()) or "-"
+            print(f"{spec.name:18s} {inputs:18s} {params}\n{'':18s} {spec.summary}")
+        return 0
+    try:
+        recipe = _recipe_from_args(args)
+        d = recipe.defaults
+        options = MergeOptions(
+            output_dtype=args.dtype or d.get("dtype", "fp16"),
+            compute_dtype=args.compute_dtype or d.get("compute_dtype", "fp64"),
+            threads=args.threads,
+            memory_budget=parse_size(args.memory_budget) if args.memory_budget else None,
+            missing_keys=args.missing_keys,
+            resume=args.resume,
+            seed=args.seed if args.seed is not None else int(d.get("seed", 0)),
+            check_finite=args.check_finite,
+            progress=not args.no_progress,
+            max_chunk_elements=args.max_chunk_elements,
+        )
+        previous = signal.signal(signal.SIGTERM, _sigterm)
+        try:
+            merge(recipe, Path(args.output), options)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    except (RecipeError, CheckpointError, ValueError, KeyError, MemoryError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"sd-merge: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sd-merge: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

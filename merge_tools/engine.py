@@ -1,0 +1,551 @@
+"""The streaming merge engine: validate, plan, estimate, then evaluate a recipe tree tensor by tensor.
+
+Per output key the engine picks a chunk size from the memory budget (aligned to what the recipe's methods
+need: whole rows, fixed reduction blocks), computes whole-tensor statistics in extra passes over the chunks
+when a method asks for them (TIES' thresholds, Model Stock's cosines, Weiszfeld weights), then evaluates the
+tree chunk by chunk and writes each chunk at its final offset in the output. When a key fits in one chunk
+its inputs are read once and kept for all passes. Peak memory is bounded by the budget whatever the number
+of models: only one chunk of each input is alive at a time (TIES with k < 1 also holds one model's |τ| for
+the largest tensor, in fp64, to select its exact top-k threshold).
+
+Memory budget accounting (per chunk element, compute dtype size c, stored dtype size s per input):
+inputs 2·s (read + prefetch) + c, per method node (3·n_inputs + 4)·c temporaries, output 2 bytes; minus the
+process' RSS at start and 64 MiB of slack. Results do not depend on the chunk size (see methods.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from merge_tools import methods
+from merge_tools.blocks import Architecture, BlockWeights, block_of, detect_architecture
+from merge_tools.io import (
+    Journal,
+    OutputEntry,
+    SafetensorsWriter,
+    TensorReader,
+    file_fingerprint,
+    finalize,
+    format_size,
+    side_paths,
+)
+from merge_tools.recipe import ModelRef, Node, Recipe, canonical_json
+from sd_scripts_surge.fileio import SAFETENSORS_DTYPES, CheckpointError, ensure_free_space
+
+ENGINE_VERSION = "1"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+_FLOAT_ST = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_SLACK = 64 << 20
+_JOURNAL_EVERY_S = 2.0
+
+
+@dataclass
+class MergeOptions:
+    output_dtype: str = "fp16"
+    compute_dtype: str = "fp64"
+    threads: int = 0  # 0: all cores
+    memory_budget: int | None = None  # bytes; None: 25% of available RAM
+    missing_keys: str = "error"  # error | skip | base
+    resume: bool = False
+    seed: int = 0
+    check_finite: str = "stream"  # stream (while merging) | pre (full scan first) | off
+    progress: bool = True
+    max_chunk_elements: int | None = None  # cap on chunk size (tests, debugging)
+    log: Callable[[str], None] = print
+    on_key_done: Callable[[str, int], None] | None = None  # called after each key is written (tests)
+
+
+@dataclass
+class KeyPlan:
+    key: str
+    shape: tuple[int, ...]
+    out_dtype: str
+    mode: str  # "merge" or "copy"
+    block: str | None
+    chunk: int = 0  # elements per chunk (merge)
+    align: int = 1
+    sources: dict[str, int] = field(default_factory=dict)  # model path -> index of the model to read it from
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        n = self.numel
+        step = max(self.chunk, 1)
+        return [(s, min(s + step, n)) for s in range(0, n, step)] or [(0, 0)]
+
+
+@dataclass
+class MergeReport:
+    output: Path
+    keys: int
+    merged: int
+    copied: int
+    seconds: float
+    peak_rss: int
+    budget: int
+    architecture: str
+    resumed_keys: int = 0
+
+
+def default_budget() -> int:
+    return int(psutil.virtual_memory().available * 0.25)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _model_list(root: Node) -> list[ModelRef]:
+    return root.models()
+
+
+def validate_inputs(
+    models: Sequence[ModelRef], output: Path, missing_policy: str
+) -> tuple[list[TensorReader], dict[str, dict[int, Any]]]:
+    """Open every input and check it before any work. Returns readers and key -> {model index: TensorInfo}."""
+    if missing_policy not in ("error", "skip", "base"):
+        raise ValueError(f"--missing-keys must be error, skip or base, not {missing_policy!r}")
+    out_resolved = output.resolve()
+    for m in models:
+        if m.path.resolve() == out_resolved:
+            raise ValueError(f"refusing to overwrite input {m.path}; choose another output path")
+    readers = [TensorReader(m.path) for m in models]  # header validation: truncated/corrupt -> CheckpointError
+    table: dict[str, dict[int, Any]] = {}
+    for i, r in enumerate(readers):
+        for k, info in sorted(r.header.tensors.items(), key=lambda kv: kv[1].start):
+            table.setdefault(k, {})[i] = info
+    for k, per in table.items():
+        shapes = {info.shape for info in per.values()}
+        if len(shapes) > 1:
+            detail = ", ".join(f"{models[i].path.name}: {list(info.shape)}" for i, info in per.items())
+            raise CheckpointError(
+                f"tensor {k!r} has different shapes across inputs ({detail}); these models cannot be merged"
+            )
+        kinds = {info.dtype in _FLOAT_ST for info in per.values()}
+        if len(kinds) > 1:
+            detail = ", ".join(f"{models[i].path.name}: {info.dtype}" for i, info in per.items())
+            raise CheckpointError(f"tensor {k!r} is floating point in some inputs and not in others ({detail})")
+    incomplete = {k: per for k, per in table.items() if len(per) != len(models)}
+    if incomplete and missing_policy == "error":
+        lines = []
+        for k, per in list(incomplete.items())[:8]:
+            lacking = [models[i].path.name for i in range(len(models)) if i not in per]
+            lines.append(f"  {k}: missing in {', '.join(lacking)}")
+        more = f"\n  … and {len(incomplete) - 8} more" if len(incomplete) > 8 else ""
+        raise CheckpointError(
+            f"{len(incomplete)} key(s) are not in every input:\n"
+            + "\n".join(lines)
+            + more
+            + "\nuse --missing-keys skip (leave them out) or --missing-keys base (use the base model's tensor)"
+        )
+    return readers, table
+
+
+def scan_finite(readers: Sequence[TensorReader], chunk_elements: int = 1 << 24) -> None:
+    """Full NaN/Inf scan of every floating tensor of every input (reads everything once)."""
+    for r in readers:
+        for k, info in r.header.tensors.items():
+            if info.dtype not in _FLOAT_ST:
+                continue
+            for s in range(0, info.numel, chunk_elements):
+                _check_finite(r.read(k, s, min(s + chunk_elements, info.numel)), r, k)
+
+
+def _check_finite(raw: torch.Tensor, reader: TensorReader, key: str) -> None:
+    if raw.is_floating_point() and not bool(torch.isfinite(raw).all()):
+        bad = int((~torch.isfinite(raw)).sum())
+        raise CheckpointError(f"{reader.path}: tensor {key!r} holds {bad} NaN/Inf values; fix or drop this model")
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+def _resolve_node_params(node: Node, arch: Architecture, block: str | None) -> dict[str, Any]:
+    spec = node.spec
+    params = spec.resolve_params(node.params)
+    for name, value in list(params.items()):
+        default = spec.params[name]
+        scalar_param = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if scalar_param and isinstance(value, (list, dict, str)):
+            weights = BlockWeights.parse(
+                value, arch, f"{node.method}.{name}", default=None if isinstance(value, list) else default
+            )
+            params[name] = weights.value(block) if block is not None else default
+    return params
+
+
+def _align(root: Node, plan_shape: tuple[int, ...], params_of: Callable[[Node], dict[str, Any]]) -> int:
+    align = 1
+    row = methods.row_length(plan_shape)
+    for node in root.nodes():
+        needs = node.spec.needs(params_of(node))
+        if "row" in needs:
+            align = math.lcm(align, row)
+        if "tensor" in needs:
+            align = math.lcm(align, methods.REDUCE_BLOCK)
+    return align
+
+
+def _bytes_per_element(root: Node, readers_itemsize: Sequence[int], compute_size: int) -> int:
+    per = sum(2 * s + compute_size for s in readers_itemsize) + 2
+    for node in root.nodes():
+        per += (3 * len(node.inputs) + 4) * compute_size
+    return per
+
+
+def _needs_topk_buffer(root: Node, params_of: Callable[[Node], dict[str, Any]]) -> bool:
+    return any(n.method == "ties" and params_of(n)["k"] < 1.0 for n in root.nodes())
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+class _NodeSource:
+    """methods.ChunkSource over one node's inputs, evaluated chunk by chunk by a KeyEvaluator."""
+
+    def __init__(self, ev: KeyEvaluator, node: Node):
+        self.ev, self.node = ev, node
+        self.n_inputs = len(node.inputs)
+
+    def chunks(self, indices: Sequence[int] | None = None):
+        sel = [self.node.inputs[i] for i in (range(self.n_inputs) if indices is None else indices)]
+        for ci, (s, e) in enumerate(self.ev.plan.chunks):
+            yield self.ev.ctx(s, e), [self.ev.value(item, ci) for item in sel]
+
+
+class KeyEvaluator:
+    """Evaluates a recipe tree for one key, chunk by chunk; caches all values when there is one chunk."""
+
+    def __init__(
+        self,
+        plan: KeyPlan,
+        root: Node,
+        read: Callable[[ModelRef, str, int, int], torch.Tensor],
+        compute_dtype: torch.dtype,
+        params_of: Callable[[Node], dict[str, Any]],
+        seed: int,
+        prefetched: dict[str, torch.Tensor] | None = None,
+    ):
+        self.plan, self.root, self.read, self.dtype, self.params_of, self.seed = (
+            plan,
+            root,
+            read,
+            compute_dtype,
+            params_of,
+            seed,
+        )
+        self.prefetched = prefetched or {}
+        self.memo: dict[int, torch.Tensor] = {}
+        self.memo_ci: int | None = None
+        self.stats: dict[int, Any] = {}
+
+    def ctx(self, start: int, stop: int) -> methods.ChunkContext:
+        return methods.ChunkContext(self.plan.key, self.plan.shape, start, stop, self.seed)
+
+    def prepare(self) -> None:
+        for node in reversed(self.root.nodes()):  # children before parents
+            if id(node) not in self.stats and node.spec.prepare is not None:
+                ctx = self.ctx(0, self.plan.numel)
+                self.stats[id(node)] = node.spec.prepare(_NodeSource(self, node), ctx, **self.params_of(node))
+
+    def value(self, item: Node | ModelRef, ci: int) -> torch.Tensor:
+        if ci != self.memo_ci:
+            self.memo.clear()
+            self.memo_ci = ci
+        key = id(item)
+        if key in self.memo:
+            return self.memo[key]
+        s, e = self.plan.chunks[ci]
+        if isinstance(item, ModelRef):
+            path = str(item.path.resolve())
+            raw = self.prefetched.pop(path, None) if ci == 0 else None
+            if raw is None:
+                raw = self.read(item, self.plan.key, s, e)
+            out = raw.to(self.dtype)
+        else:
+            spec = item.spec
+            inputs = [self.value(i, ci) for i in item.inputs]
+            out = spec.apply(inputs, self.ctx(s, e), self.stats.get(id(item)), **self.params_of(item))
+        self.memo[key] = out
+        return out
+
+
+# ------------------------------------------------------------------------------------------ the merge
+
+
+def prepare_resume(
+    partial: Path, journal_path: Path, phash: str, resume: bool, log: Callable[[str], None]
+) -> tuple[set[str], bool]:
+    """(keys already done, whether to start a fresh partial file)."""
+    journal = Journal(journal_path, phash)
+    done = journal.completed() if partial.is_file() else None
+    if resume:
+        if done is None:
+            log("--resume: no journal for this exact recipe, inputs and options; starting from the beginning")
+            return set(), True
+        log(f"--resume: {len(done)} tensor(s) already written, continuing")
+        return done, False
+    if done:
+        log(
+            f"note: an interrupted run of this merge exists ({len(done)} tensors done); starting over "
+            "(add --resume to continue it instead)"
+        )
+    return set(), True
+
+
+def plan_hash(metadata: dict[str, str], entries: Sequence[OutputEntry]) -> str:
+    h = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+    for e in entries:
+        h.update(f"{e.key}|{e.dtype}|{list(e.shape)}\n".encode())
+    return h.hexdigest()
+
+
+def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | None = None) -> MergeReport:
+    """Run a recipe and write the result to `output` (safetensors). See the module docstring."""
+    opts = options or MergeOptions()
+    log = opts.log
+    output = Path(output)
+    t0 = time.time()
+    if opts.output_dtype not in ("fp16", "bf16", "fp32"):
+        raise ValueError(f"output dtype must be fp16, bf16 or fp32, not {opts.output_dtype!r}")
+    if opts.compute_dtype not in ("fp64", "fp32"):
+        raise ValueError(f"compute dtype must be fp64 or fp32, not {opts.compute_dtype!r}")
+    compute = DTYPES[opts.compute_dtype]
+    out_st = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}[opts.output_dtype]
+    root = recipe.root
+    models = _model_list(root)
+
+    # 1. validate everything before any work
+    readers, table = validate_inputs(models, output, opts.missing_keys)
+    if opts.check_finite == "pre":
+        log("checking every input for NaN/Inf …")
+        scan_finite(readers)
+    base_index = 0
+    shapes0 = {k: info.shape for k, info in readers[base_index].header.tensors.items()}
+    arch = detect_architecture(shapes0)
+
+    # 2. plan every key
+    params_cache: dict[tuple[int, str | None], dict[str, Any]] = {}
+
+    def params_for(block: str | None) -> Callable[[Node], dict[str, Any]]:
+        def get(node: Node) -> dict[str, Any]:
+            ck = (id(node), block)
+            if ck not in params_cache:
+                params_cache[ck] = _resolve_node_params(node, arch, block)
+            return params_cache[ck]
+
+        return get
+
+    for node in root.nodes():  # surface MBW errors (wrong length, unknown arch) before any work
+        params_for(None)(node)
+        _resolve_node_params(node, arch, arch.blocks[0] if arch.known else None)
+
+    plans: list[KeyPlan] = []
+    skipped: list[str] = []
+    for key, per in table.items():
+        info0 = next(iter(per.values()))
+        complete = len(per) == len(models)
+        if not complete and (opts.missing_keys == "skip" or base_index not in per):
+            skipped.append(key)
+            continue
+        sources = {str(m.path.resolve()): (i if i in per else base_index) for i, m in enumerate(models)}
+        if info0.dtype not in _FLOAT_ST:
+            src = base_index if base_index in per else min(per)
+            plans.append(KeyPlan(key, info0.shape, info0.dtype, "copy", None, sources={"": src}))
+            continue
+        plans.append(KeyPlan(key, info0.shape, out_st, "merge", block_of(key, arch), sources=sources))
+    if skipped:
+        log(f"leaving out {len(skipped)} key(s) not present in every input (--missing-keys {opts.missing_keys})")
+
+    budget = opts.memory_budget or default_budget()
+    baseline = psutil.Process().memory_info().rss
+    csize = compute.itemsize if hasattr(compute, "itemsize") else torch.empty(0, dtype=compute).element_size()
+    itemsizes = [max((SAFETENSORS_DTYPES[t.dtype][1] for t in r.header.tensors.values()), default=2) for r in readers]
+    per_el = _bytes_per_element(root, itemsizes, csize)
+    topk_reserve = 0
+    merge_plans = [p for p in plans if p.mode == "merge"]
+    if merge_plans and _needs_topk_buffer(root, params_for(None)):
+        topk_reserve = max(p.numel for p in merge_plans) * 8
+    work = budget - baseline - _SLACK - topk_reserve
+    if work <= 0:
+        raise MemoryError(
+            f"memory budget {format_size(budget)} is below what this process already uses "
+            f"({format_size(baseline)}) plus the top-k buffer ({format_size(topk_reserve)}); raise --memory-budget"
+        )
+    max_chunk = max(work // per_el, 1)
+    if opts.max_chunk_elements:
+        max_chunk = min(max_chunk, opts.max_chunk_elements)
+    peak_chunk = 0
+    for p in merge_plans:
+        p.align = _align(root, p.shape, params_for(p.block))
+        if p.numel <= max_chunk:
+            p.chunk = p.numel
+        else:
+            p.chunk = max(max_chunk // p.align, 1) * p.align
+        peak_chunk = max(peak_chunk, min(p.chunk, p.numel))
+
+    # 3. metadata, output layout, journal identity
+    fingerprints = [file_fingerprint(m.path) for m in models]
+    metadata = {
+        "sd_merge_version": ENGINE_VERSION,
+        "sd_merge_recipe": canonical_json(root),
+        "sd_merge_inputs": json.dumps(
+            [{"name": m.name, "file": m.path.name, "sha256_sampled": fp} for m, fp in zip(models, fingerprints)]
+        ),
+        "sd_merge_hash_method": "sha256(file size + full header + 16 evenly spaced 64 KiB data samples)",
+        "sd_merge_options": json.dumps(
+            {
+                "compute_dtype": opts.compute_dtype,
+                "output_dtype": opts.output_dtype,
+                "seed": opts.seed,
+                "missing_keys": opts.missing_keys,
+            },
+            sort_keys=True,
+        ),
+        "sd_merge_architecture": f"{arch.name}/{arch.layout}" if arch.known else "unknown",
+    }
+    entries = [OutputEntry(p.key, p.out_dtype, p.shape) for p in plans]
+    phash = plan_hash(metadata, entries)
+    partial, journal_path = side_paths(output)
+
+    # 4. estimate, disk space
+    in_bytes = sum(sum(info.end - info.start for info in per.values()) for per in table.values())
+    out_bytes = sum(e.nbytes for e in entries)
+    passes = 1 + (2 if any(n.spec.prepare for n in root.nodes()) else 0)
+    est_peak = baseline + _SLACK + topk_reserve + peak_chunk * per_el
+    est_s = in_bytes * passes / 1.0e9 + sum(p.numel for p in merge_plans) * len(models) * passes * 2e-9
+    log(
+        f"sd-merge: {root.method} over {len(models)} model(s), architecture {metadata['sd_merge_architecture']}, "
+        f"{len(merge_plans)} tensors merged + {len(plans) - len(merge_plans)} copied\n"
+        f"  reads ≈ {format_size(in_bytes)} (up to {passes} passes on chunked tensors), "
+        f"writes {format_size(out_bytes)}\n"
+        f"  memory: budget {format_size(budget)}, estimated peak {format_size(est_peak)} "
+        f"(largest chunk {peak_chunk:,} elements), compute {opts.compute_dtype}, output {opts.output_dtype}\n"
+        f"  time estimate ≈ {est_s / 60:.1f} min at ~1 GB/s (the progress bar refines it)"
+    )
+    done, fresh = prepare_resume(partial, journal_path, phash, opts.resume, log)
+    need = out_bytes + 8 + len(json.dumps(metadata)) - (partial.stat().st_size if not fresh and partial.exists() else 0)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    ensure_free_space(output.parent, max(need, 0))
+
+    # 5. run
+    threads = opts.threads or os.cpu_count() or 1
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    writer = SafetensorsWriter(partial, entries, metadata, reuse=not fresh)
+    journal = Journal(journal_path, phash)
+    journal.open(fresh=fresh)
+    pending: list[str] = []
+    last_flush = time.time()
+
+    def flush() -> None:
+        nonlocal last_flush
+        if pending:
+            writer.sync()
+            journal.mark(pending)
+            pending.clear()
+        last_flush = time.time()
+
+    def read(ref: ModelRef, key: str, s: int, e: int) -> torch.Tensor:
+        src = plans_by_key[key].sources[str(ref.path.resolve())]
+        raw = readers[src].read(key, s, e)
+        if opts.check_finite == "stream":
+            _check_finite(raw, readers[src], key)
+        return raw
+
+    plans_by_key = {p.key: p for p in plans}
+    todo = [p for p in plans if p.key not in done]
+    total = sum(e.nbytes for e in entries)
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="merging",
+        disable=not opts.progress,
+        initial=total - sum(OutputEntry(p.key, p.out_dtype, p.shape).nbytes for p in todo),
+    )
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd-merge-read")
+    peak = baseline
+
+    def prefetch(p: KeyPlan) -> Future | None:
+        if p.mode != "merge" or len(p.chunks) != 1:
+            return None
+        leaves = {str(m.path.resolve()): m for m in models}
+        return pool.submit(lambda: {path: read(m, p.key, 0, p.numel) for path, m in leaves.items()})
+
+    try:
+        nxt = prefetch(todo[0]) if todo else None
+        for idx, p in enumerate(todo):
+            current, nxt = nxt, (prefetch(todo[idx + 1]) if idx + 1 < len(todo) else None)
+            if p.mode == "copy":
+                writer.write_raw(p.key, readers[p.sources[""]].read(p.key).view(torch.uint8).numpy())
+            else:
+                pre = current.result() if current is not None else None
+                ev = KeyEvaluator(p, root, read, compute, params_for(p.block), opts.seed, pre)
+                ev.prepare()
+                out_dtype = DTYPES[opts.output_dtype]
+                for ci, (s, e) in enumerate(p.chunks):
+                    result = ev.value(root, ci)
+                    writer.write(p.key, s, result.to(out_dtype))
+                    bar.update((e - s) * torch.empty(0, dtype=out_dtype).element_size())
+                del ev
+            if p.mode == "copy":
+                bar.update(OutputEntry(p.key, p.out_dtype, p.shape).nbytes)
+            pending.append(p.key)
+            peak = max(peak, psutil.Process().memory_info().rss)
+            if opts.on_key_done is not None:
+                opts.on_key_done(p.key, idx)
+            if time.time() - last_flush > _JOURNAL_EVERY_S:
+                flush()
+        flush()
+    except BaseException as exc:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        flush()
+        writer.close()
+        journal.close()
+        torch.set_num_threads(old_threads)
+        if isinstance(exc, CheckpointError):
+            partial.unlink(missing_ok=True)
+            journal_path.unlink(missing_ok=True)
+        else:
+            log(f"\nmerge interrupted; run the same command with --resume to continue from {journal_path.name}")
+        raise
+    pool.shutdown(wait=True)
+    bar.close()
+    writer.close()
+    journal.close()
+    torch.set_num_threads(old_threads)
+    for r in readers:
+        r.close()
+    finalize(partial, output)
+    journal_path.unlink(missing_ok=True)
+    seconds = time.time() - t0
+    log(f"wrote {output} in {seconds:.1f} s, peak RSS {format_size(peak)} (budget {format_size(budget)})")
+    return MergeReport(
+        output,
+        len(plans),
+        len(merge_plans),
+        len(plans) - len(merge_plans),
+        seconds,
+        peak,
+        budget,
+        metadata["sd_merge_architecture"],
+        resumed_keys=len(done),
+    )

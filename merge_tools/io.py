@@ -1,0 +1,235 @@
+"""Streaming safetensors I/O for the merge engine: ranged reads, an incremental writer, a resume journal.
+
+Reads use ``os.preadv`` into fresh buffers at the byte offsets that ``fileio.read_safetensors_header``
+validated: large sequential reads, no mmap (mapped pages would count toward the process' RSS and defeat
+the memory budget), no whole-file load. The writer lays out the header first (offsets are known from the
+plan), then fills tensor bytes in place with ``os.pwrite`` into ``.<name>.partial`` beside the output; a
+journal ``.<name>.journal`` lists the keys whose bytes are durably written (fsync before the journal line),
+so ``--resume`` continues an interrupted merge and produces the same bytes. ``finalize`` fsyncs and renames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sd_scripts_surge.fileio import SAFETENSORS_DTYPES, SafetensorsHeader, read_safetensors_header
+
+TORCH_TO_ST = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """'4GB', '3.5G', '512MiB', '2048' (bytes) -> bytes (powers of 1024)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"cannot read size {text!r}; write e.g. 4GB, 512MB or a number of bytes")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    return int(value * 1024 ** " kmgt".index(unit or " "))
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+class TensorReader:
+    """Ranged reads of one safetensors file. Thread-safe (pread has no shared file position)."""
+
+    def __init__(self, path: str | os.PathLike, header: SafetensorsHeader | None = None):
+        self.path = Path(path)
+        self.header = header or read_safetensors_header(self.path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Flat elements [start, stop) of tensor `key` in its stored dtype (a new 1-D tensor)."""
+        info = self.header.tensors[key]
+        itemsize = SAFETENSORS_DTYPES[info.dtype][1]
+        stop = info.numel if stop is None else stop
+        nbytes = (stop - start) * itemsize
+        buf = np.empty(nbytes, dtype=np.uint8)
+        view = memoryview(buf)
+        offset, done = info.start + start * itemsize, 0
+        while done < nbytes:  # preadv may return short counts on some filesystems
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"{self.path}: unexpected end of file reading tensor {key!r}")
+            done += got
+        return torch.from_numpy(buf).view(info.torch_dtype)
+
+
+def file_fingerprint(path: str | os.PathLike, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
+    """sha256 over the file size, the full header, and `samples` evenly spaced 64 KiB slices of the data.
+
+    Fast (about 1 MiB read per file) and catches any change of keys, shapes, dtypes or metadata and most
+    changes of weights; it is not a full-content hash (use sha256sum for that).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        head_len = int.from_bytes(f.read(8), "little")
+        h.update(f.read(head_len))
+        data_start, data_len = 8 + head_len, max(size - 8 - head_len, 0)
+        for i in range(samples):
+            offset = (
+                data_start + (data_len - sample_bytes) * i // max(samples - 1, 1)
+                if data_len > sample_bytes
+                else data_start
+            )
+            f.seek(max(offset, data_start))
+            h.update(f.read(sample_bytes))
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class OutputEntry:
+    key: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * SAFETENSORS_DTYPES[self.dtype][1]
+
+
+def build_header(entries: Sequence[OutputEntry], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """Serialized header (length prefix included, padded to 8 bytes) and each key's absolute data offset."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offsets, pos = {}, 0
+    for e in entries:
+        header[e.key] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [pos, pos + e.nbytes]}
+        offsets[e.key] = pos
+        pos += e.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    prefix = len(raw).to_bytes(8, "little")
+    start = 8 + len(raw)
+    return prefix + raw, {k: start + v for k, v in offsets.items()}
+
+
+class SafetensorsWriter:
+    """Write a safetensors file in place: header first, then tensor bytes at precomputed offsets."""
+
+    def __init__(
+        self, path: str | os.PathLike, entries: Sequence[OutputEntry], metadata: dict[str, str], reuse: bool = False
+    ):
+        self.path = Path(path)
+        self.entries = {e.key: e for e in entries}
+        header, self.offsets = build_header(entries, metadata)
+        self.total_size = len(header) + sum(e.nbytes for e in entries)
+        flags = os.O_RDWR | os.O_CREAT | (0 if reuse else os.O_TRUNC)
+        self._fd = os.open(self.path, flags, 0o644)
+        os.pwrite(self._fd, header, 0)
+        os.ftruncate(self._fd, self.total_size)
+
+    def write(self, key: str, start_element: int, values: torch.Tensor) -> None:
+        """Write a chunk (already in the output dtype) of tensor `key` starting at flat element `start_element`."""
+        raw = values.contiguous().view(torch.uint8).numpy()
+        offset = self.offsets[key] + start_element * values.element_size()
+        view, done = memoryview(raw), 0
+        while done < len(raw):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+
+    def write_raw(self, key: str, raw: bytes | np.ndarray) -> None:
+        view, done, offset = memoryview(raw).cast("B"), 0, self.offsets[key]
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Journal:
+    """Append-only list of finished keys for one plan; first line = the plan's hash."""
+
+    def __init__(self, path: str | os.PathLike, plan_hash: str):
+        self.path = Path(path)
+        self.plan_hash = plan_hash
+        self._file = None
+
+    def completed(self) -> set[str] | None:
+        """Keys already durable for this plan, or None when there is no journal for this exact plan."""
+        if not self.path.is_file():
+            return None
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        if not lines:
+            return None
+        try:
+            head = json.loads(lines[0])
+        except json.JSONDecodeError:
+            return None
+        if head.get("plan") != self.plan_hash:
+            return None
+        done = set()
+        for line in lines[1:]:
+            with contextlib.suppress(json.JSONDecodeError):  # a torn last line is simply not done
+                done.add(json.loads(line))
+        return done
+
+    def open(self, fresh: bool) -> None:
+        if fresh:
+            self.path.write_text(json.dumps({"plan": self.plan_hash}) + "\n", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def mark(self, keys: Iterable[str]) -> None:
+        assert self._file is not None
+        for k in keys:
+            self._file.write(json.dumps(k) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def finalize(partial: Path, output: Path) -> None:
+    """fsync the finished partial file and atomically rename it onto the output path."""
+    with open(partial, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, output)
+    with contextlib.suppress(OSError):  # directory fsync is best effort
+        fd = os.open(output.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def side_paths(output: Path) -> tuple[Path, Path]:
+    """(partial file, journal) paths beside the output."""
+    return output.with_name(f".{output.name}.partial"), output.with_name(f".{output.name}.journal")

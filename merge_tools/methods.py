@@ -1,0 +1,600 @@
+"""Merge methods: one registry of pure tensor functions (formulas in DESIGN.md §6).
+
+Every method is written once, as two small pieces the engine can stream:
+
+- ``prepare(source, ctx, **params)``: whole-tensor statistics (TIES' top-k thresholds, Model Stock's
+  cosines, the geometric median's Weiszfeld weights, SLERP's angle). It reads the inputs as a sequence
+  of chunks, possibly several times. Methods that need none leave it out.
+- ``apply(inputs, ctx, stats, **params)``: the result for one chunk of the flattened tensor.
+
+``MethodSpec.__call__`` runs both on whole tensors: that is the pure function the tests pin to the formulas.
+The engine runs the same two pieces over chunks that it aligns so that results are bit-identical whatever
+the chunk size:
+- chunks of row-wise methods hold whole rows (a row = one output channel: ``numel // shape[0]`` elements);
+- reductions sum fixed blocks of ``REDUCE_BLOCK`` elements at fixed global offsets (chunks start on block
+  boundaries) and then add the block partials exactly (``math.fsum``);
+- random masks come from a counter-style generator keyed by (seed, tensor key, input index, block of
+  ``RNG_BLOCK`` elements at a fixed global offset), so a chunk sees the same random numbers as the whole.
+
+Inputs are 1-D views (one chunk of the flattened tensor) in the compute dtype (fp64 by default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+REDUCE_BLOCK = 4096  # elements per partial sum; chunk starts are multiples of it for whole-tensor statistics
+RNG_BLOCK = 1 << 18  # elements per random block; fixed global offsets make masks chunk-independent
+_GRAM_MIN_BATCH = 8  # a batched matmul of one block may split the dot products across threads: pad to >1
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """Where a chunk lies: tensor key and shape, flat element range [start, stop), random seed."""
+
+    key: str
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+    seed: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def row_len(self) -> int:
+        return row_length(self.shape)
+
+
+def row_length(shape: Sequence[int]) -> int:
+    """Elements per output channel (row): the whole tensor for 0-D/1-D tensors."""
+    numel = math.prod(shape)
+    if len(shape) < 2 or shape[0] == 0:
+        return max(numel, 1)
+    return numel // shape[0]
+
+
+class ChunkSource(Protocol):
+    """What ``prepare`` gets: the method's inputs for one tensor, as chunks (one pass per call)."""
+
+    n_inputs: int
+
+    def chunks(self, indices: Sequence[int] | None = None) -> Iterator[tuple[ChunkContext, list[Tensor]]]: ...
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered merge method.
+
+    inputs: "models" (θ_1..θ_N), "base+models" (θ_base then θ_1..θ_N), or a fixed count (add_difference: 3).
+    needs(params) -> subset of {"row", "tensor"}: what chunk alignment the method requires.
+    strength: the parameter that MBW block weights set by default (None: no MBW for this method).
+    """
+
+    name: str
+    summary: str
+    apply: Callable[..., Tensor]
+    params: dict[str, Any]
+    inputs: str | int = "models"
+    prepare: Callable[..., Any] | None = None
+    needs: Callable[[dict[str, Any]], frozenset[str]] = field(default=lambda p: frozenset())
+    strength: str | None = None
+    min_models: int = 1
+    random: bool = False
+
+    def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(given) - set(self.params))
+        if unknown:
+            raise ValueError(
+                f"method {self.name!r} has no parameter(s) {unknown}; it takes {sorted(self.params) or 'none'}"
+            )
+        out = dict(self.params)
+        out.update(given)
+        return out
+
+    def check_inputs(self, n: int) -> None:
+        if isinstance(self.inputs, int):
+            if n != self.inputs:
+                raise ValueError(f"method {self.name!r} takes exactly {self.inputs} inputs, got {n}")
+            return
+        models = n - 1 if self.inputs == "base+models" else n
+        if models < self.min_models:
+            what = "a base and " if self.inputs == "base+models" else ""
+            raise ValueError(f"method {self.name!r} needs {what}at least {self.min_models} model(s), got {n} inputs")
+
+    def __call__(self, inputs: Sequence[Tensor], *, key: str = "", seed: int = 0, **params: Any) -> Tensor:
+        """Pure whole-tensor form: the formula applied to full tensors (same code path as streaming)."""
+        self.check_inputs(len(inputs))
+        p = self.resolve_params(params)
+        shape = tuple(inputs[0].shape)
+        flat = [t.reshape(-1) for t in inputs]
+        ctx = ChunkContext(key, shape, 0, flat[0].numel(), seed)
+        stats = self.prepare(_WholeSource(ctx, flat), ctx, **p) if self.prepare else None
+        return self.apply(flat, ctx, stats, **p).reshape(shape)
+
+
+class _WholeSource:
+    def __init__(self, ctx: ChunkContext, inputs: list[Tensor]):
+        self.ctx, self.inputs = ctx, inputs
+        self.n_inputs = len(inputs)
+
+    def chunks(self, indices: Sequence[int] | None = None) -> Iterator[tuple[ChunkContext, list[Tensor]]]:
+        sel = self.inputs if indices is None else [self.inputs[i] for i in indices]
+        yield self.ctx, sel
+
+
+REGISTRY: dict[str, MethodSpec] = {}
+ALIASES = {"uniform_soup": "soup", "n_average": "soup", "gm": "geometric_median", "ties-soup": "ties_soup"}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def get(name: str) -> MethodSpec:
+    key = ALIASES.get(name.lower().replace("-", "_"), name.lower().replace("-", "_"))
+    if key not in REGISTRY:
+        raise KeyError(f"unknown merge method {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[key]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _sum(tensors: Sequence[Tensor]) -> Tensor:
+    """Σ in a fixed order (element-wise, so identical for any chunking)."""
+    acc = tensors[0].clone()
+    for t in tensors[1:]:
+        acc += t
+    return acc
+
+
+def _deltas(inputs: Sequence[Tensor]) -> list[Tensor]:
+    base = inputs[0]
+    return [m - base for m in inputs[1:]]
+
+
+def _stable_seed(*parts: Any) -> int:
+    h = hashlib.blake2b("\0".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def uniform_for(ctx: ChunkContext, index: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """U[0,1) numbers for elements [ctx.start, ctx.stop) of input `index`: the same whatever the chunking."""
+    n = ctx.stop - ctx.start
+    out = torch.empty(n, dtype=dtype)
+    first, last = ctx.start // RNG_BLOCK, (ctx.stop - 1) // RNG_BLOCK if n else -1
+    gen = torch.Generator()
+    for b in range(first, last + 1):
+        gen.manual_seed(_stable_seed(ctx.seed, ctx.key, index, b))
+        block = torch.rand(RNG_BLOCK, generator=gen, dtype=torch.float64)
+        lo, hi = max(ctx.start, b * RNG_BLOCK), min(ctx.stop, (b + 1) * RNG_BLOCK)
+        out[lo - ctx.start : hi - ctx.start] = block[lo - b * RNG_BLOCK : hi - b * RNG_BLOCK]
+    return out
+
+
+def gram_partials(vectors: Sequence[Tensor]) -> Tensor:
+    """Dot products <v_i, v_j> per REDUCE_BLOCK block: [blocks, N, N]. The chunk must start on a block."""
+    x = torch.stack(list(vectors))  # [N, n]
+    n_models, n = x.shape
+    blocks = -(-n // REDUCE_BLOCK)
+    padded_blocks = max(blocks, _GRAM_MIN_BATCH)
+    if padded_blocks * REDUCE_BLOCK != n:
+        x = torch.nn.functional.pad(x, (0, padded_blocks * REDUCE_BLOCK - n))
+    a = x.view(n_models, padded_blocks, REDUCE_BLOCK).transpose(0, 1)
+    return torch.bmm(a, a.transpose(1, 2))[:blocks]
+
+
+def exact_total(partials: Sequence[Tensor]) -> np.ndarray:
+    """Exact (correctly rounded) sum over the block axis of [blocks, ...] partials, in fp64."""
+    p = torch.cat(list(partials)).to(torch.float64)
+    flat = p.reshape(p.shape[0], -1).T.tolist()
+    return np.array([math.fsum(col) for col in flat], dtype=np.float64).reshape(tuple(p.shape[1:]))
+
+
+def gram_matrix(source: ChunkSource, transform: Callable[[ChunkContext, list[Tensor]], list[Tensor]]) -> np.ndarray:
+    """Gram matrix G_ij = <v_i, v_j> of the vectors `transform(chunk inputs)`, exact over chunks."""
+    parts = [gram_partials(transform(ctx, xs)) for ctx, xs in source.chunks()]
+    return exact_total(parts)
+
+
+def weiszfeld_weights(gram: np.ndarray, eps: float, maxiter: int, ftol: float) -> np.ndarray:
+    """Weiszfeld iterations for the geometric median of N points known through their Gram matrix.
+
+    The median is z(w) = Σ w_i p_i / Σ w_i; with c_i = p_i − p_0 (translation invariant, avoids the
+    cancellation of large norms), |p_i − z|² = G_ii − 2 (G w)_i / W + wᵀ G w / W². Same loop as Pillutla's
+    weiszfeld_list_of_array (the reference sd-mecha uses): start at the mean, objective = mean distance,
+    stop when |Δobjective| <= ftol · objective or after maxiter steps. Returns the final weights.
+    """
+    n = gram.shape[0]
+
+    def distances(w: np.ndarray) -> np.ndarray:
+        total = w.sum()
+        gw = gram @ w
+        sq = np.diag(gram) - 2.0 * gw / total + float(w @ gw) / (total * total)
+        return np.sqrt(np.maximum(sq, 0.0))
+
+    weights = np.ones(n)
+    dist = distances(weights)
+    objective = float(dist.mean())
+    new_weights = weights
+    for _ in range(max(0, maxiter)):
+        previous = objective
+        new_weights = 1.0 / np.maximum(dist, eps)
+        dist = distances(new_weights)
+        objective = float(dist.mean())
+        if abs(previous - objective) <= ftol * objective:
+            break
+    return new_weights
+
+
+def _weighted_average(points: Sequence[Tensor], weights: np.ndarray) -> Tensor:
+    acc = points[0] * float(weights[0])
+    for p, w in zip(points[1:], weights[1:]):
+        acc += p * float(w)
+    return acc / float(weights.sum())
+
+
+def topk_threshold(values: np.ndarray, k: float) -> float:
+    """Threshold that keeps the top-k fraction of `values` (consumed: partitioned in place).
+
+    Keep |τ| >= the m-th smallest |τ|, m = max(floor((1−k)·n), 1) (ties at the threshold are kept;
+    k = 1 keeps everything). Exact selection, O(n), no copy.
+    """
+    n = values.size
+    m = max(int((1.0 - k) * n), 1)
+    values.partition(m - 1)
+    return float(values[m - 1])
+
+
+def _signed_filter(deltas: Sequence[Tensor], vote: str) -> tuple[list[Tensor], Tensor]:
+    """TIES elect: sign γ = sgn Σ τ_i (vote="mass") or sgn Σ sgn τ_i (vote="count"); keep τ_i agreeing with γ.
+
+    Returns the filtered deltas (disagreeing entries set to 0) and the count of agreeing non-zero entries.
+    """
+    signs = [torch.sign(d) for d in deltas]
+    gamma = torch.sign(_sum(deltas if vote == "mass" else signs))
+    masks = [(s == gamma) & (s != 0) for s in signs]
+    filtered = [d * m for d, m in zip(deltas, masks)]
+    count = _sum([m.to(deltas[0].dtype) for m in masks])
+    return filtered, count
+
+
+def _disjoint_mean(deltas: Sequence[Tensor], vote: str) -> Tensor:
+    filtered, count = _signed_filter(deltas, vote)
+    return _sum(filtered) / count.clamp(min=1)
+
+
+def _dare_drop(deltas: Sequence[Tensor], ctx: ChunkContext, p: float) -> list[Tensor]:
+    if p <= 0:
+        return list(deltas)
+    out = []
+    for i, d in enumerate(deltas):
+        keep = uniform_for(ctx, i, d.dtype) >= p
+        out.append(d * keep / (1.0 - p))
+    return out
+
+
+def della_drop_probability(delta_rows: Tensor, p: float, eps: float) -> Tensor:
+    """p_i = p + ε·(r_i/R − (R+1)/(2R)), r_i = ascending rank (1..R) of |τ| within its row, clamped to [0, 1)."""
+    rows, r = delta_rows.shape
+    order = torch.argsort(delta_rows.abs(), dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(1, r + 1).expand(rows, r).contiguous())
+    centred = rank.to(delta_rows.dtype) / r - (r + 1) / (2 * r)
+    return (p + eps * centred).clamp(0.0, 1.0 - 1e-12)
+
+
+def _della_drop(deltas: Sequence[Tensor], ctx: ChunkContext, p: float, eps: float) -> list[Tensor]:
+    r = ctx.row_len
+    out = []
+    for i, d in enumerate(deltas):
+        prob = della_drop_probability(d.view(-1, r), p, eps).reshape(-1)
+        keep = uniform_for(ctx, i, d.dtype) >= prob
+        out.append(d * keep / (1.0 - prob))
+    return out
+
+
+def _model_stock_t(gram: np.ndarray, cos_eps: float) -> float:
+    """t = N·cosθ / (1 + (N−1)·cosθ), cosθ = mean pairwise cosine of the deltas (0 when undefined)."""
+    n = gram.shape[0]
+    if n < 2:
+        return 1.0
+    norms = np.maximum(np.sqrt(np.maximum(np.diag(gram), 0.0)), cos_eps)
+    cos = gram / np.outer(norms, norms)
+    iu = np.triu_indices(n, 1)
+    c = float(cos[iu].mean())
+    denom = 1.0 + (n - 1) * c
+    return 0.0 if abs(denom) < 1e-12 else n * c / denom
+
+
+# ----------------------------------------------------------------------------------------------- methods
+
+_NO_NEEDS: Callable[[dict[str, Any]], frozenset[str]] = lambda p: frozenset()  # noqa: E731
+_TENSOR = lambda p: frozenset({"tensor"})  # noqa: E731
+_ROW = lambda p: frozenset({"row"})  # noqa: E731
+
+
+def _weighted_sum(x: list[Tensor], ctx: ChunkContext, stats: None, weights: Sequence[float] | None) -> Tensor:
+    if weights is None:
+        return _sum(x) / len(x)
+    if len(weights) != len(x):
+        raise ValueError(f"weighted_sum: {len(weights)} weights for {len(x)} models")
+    acc = x[0] * float(weights[0])
+    for t, w in zip(x[1:], weights[1:]):
+        acc += t * float(w)
+    return acc
+
+
+register(
+    MethodSpec(
+        "weighted_sum",
+        "Σ w_i θ_i (weights as given; none = 1/N)",
+        _weighted_sum,
+        {"weights": None},
+        min_models=1,
+    )
+)
+register(
+    MethodSpec(
+        "soup",
+        "uniform soup: Σ θ_i / N",
+        lambda x, ctx, s: _sum(x) / len(x),
+        {},
+        min_models=1,
+    )
+)
+register(
+    MethodSpec(
+        "weighted_pair",
+        "(1−α)·A + α·B (supermerger's weighted sum; MBW sets α)",
+        lambda x, ctx, s, alpha: x[0] * (1.0 - alpha) + x[1] * alpha,
+        {"alpha": 0.5},
+        inputs=2,
+        strength="alpha",
+    )
+)
+register(
+    MethodSpec(
+        "add_difference",
+        "A + α·(B − C)",
+        lambda x, ctx, s, alpha: x[0] + (x[1] - x[2]) * alpha,
+        {"alpha": 1.0},
+        inputs=3,
+        strength="alpha",
+    )
+)
+register(
+    MethodSpec(
+        "task_arithmetic",
+        "θ_base + λ·Σ τ_i",
+        lambda x, ctx, s, lam: x[0] + _sum(_deltas(x)) * lam,
+        {"lam": 1.0},
+        inputs="base+models",
+        strength="lam",
+    )
+)
+
+
+def _ties_prepare(source: ChunkSource, ctx: ChunkContext, k: float, **_: Any) -> list[float] | None:
+    """Per-model top-k thresholds of |τ_i|: one model's |τ_i| (fp64, numel) in memory at a time."""
+    if k >= 1.0:
+        return None
+    thresholds = []
+    for i in range(1, source.n_inputs):
+        buf = np.empty(ctx.numel, dtype=np.float64)
+        for c, (b, m) in source.chunks([0, i]):
+            buf[c.start : c.stop] = (m - b).abs().to(torch.float64).numpy()
+        thresholds.append(topk_threshold(buf, k))
+    return thresholds
+
+
+def _ties_apply(x: list[Tensor], ctx: ChunkContext, thresholds: list[float] | None, k: float, lam: float) -> Tensor:
+    deltas = _deltas(x)
+    if thresholds is not None:
+        deltas = [d * (d.abs() >= t) for d, t in zip(deltas, thresholds)]
+    return x[0] + _disjoint_mean(deltas, "mass") * lam
+
+
+register(
+    MethodSpec(
+        "ties",
+        "θ_base + λ·disjoint mean of top-k trimmed τ_i agreeing with γ = sgn Σ τ_i",
+        _ties_apply,
+        {"k": 0.2, "lam": 1.0},
+        inputs="base+models",
+        prepare=_ties_prepare,
+        needs=lambda p: frozenset({"tensor"}) if p["k"] < 1.0 else frozenset(),
+        strength="lam",
+    )
+)
+register(
+    MethodSpec(
+        "ties_soup",
+        "θ_base + disjoint mean of τ_i agreeing with γ = sgn Σ sgn τ_i (k = 100%, λ = 1)",
+        lambda x, ctx, s: x[0] + _disjoint_mean(_deltas(x), "count"),
+        {},
+        inputs="base+models",
+    )
+)
+register(
+    MethodSpec(
+        "dare",
+        "θ_base + λ·Σ DARE(τ_i): keep with prob 1−p, rescale 1/(1−p)",
+        lambda x, ctx, s, p, lam: x[0] + _sum(_dare_drop(_deltas(x), ctx, p)) * lam,
+        {"p": 0.1, "lam": 1.0},
+        inputs="base+models",
+        strength="lam",
+        random=True,
+    )
+)
+register(
+    MethodSpec(
+        "tsd",
+        "TIES-SOUP over DARE-dropped deltas, λ = 1−p",
+        lambda x, ctx, s, p: x[0] + _disjoint_mean(_dare_drop(_deltas(x), ctx, p), "count") * (1.0 - p),
+        {"p": 0.1},
+        inputs="base+models",
+        random=True,
+    )
+)
+register(
+    MethodSpec(
+        "della",
+        "θ_base + λ·TIES elect/disjoint mean of DELLA-dropped τ_i (p_i by magnitude rank in the row)",
+        lambda x, ctx, s, p, eps, lam: x[0] + _disjoint_mean(_della_drop(_deltas(x), ctx, p, eps), "mass") * lam,
+        {"p": 0.1, "eps": -0.1, "lam": 1.0},
+        inputs="base+models",
+        needs=_ROW,
+        strength="lam",
+        random=True,
+    )
+)
+
+
+def _model_stock_prepare(source: ChunkSource, ctx: ChunkContext, per_channel: bool, cos_eps: float) -> float | None:
+    if per_channel and len(ctx.shape) >= 2:
+        return None
+    return _model_stock_t(gram_matrix(source, lambda c, xs: _deltas(xs)), cos_eps)
+
+
+def _model_stock_apply(x: list[Tensor], ctx: ChunkContext, t: float | None, per_channel: bool, cos_eps: float):
+    base, models = x[0], x[1:]
+    mean = _sum(models) / len(models)
+    if t is not None:
+        return mean * t + base * (1.0 - t)
+    r = ctx.row_len
+    rows = torch.stack([d.view(-1, r) for d in _deltas(x)], dim=1)  # [rows, N, R]
+    g = torch.bmm(rows, rows.transpose(1, 2))  # per-row Gram, each row computed whole
+    n = len(models)
+    norms = torch.diagonal(g, dim1=1, dim2=2).clamp(min=0).sqrt().clamp(min=cos_eps)
+    cos = g / (norms.unsqueeze(2) * norms.unsqueeze(1))
+    iu = torch.triu_indices(n, n, 1)
+    c = cos[:, iu[0], iu[1]].mean(dim=1) if n > 1 else torch.ones(rows.shape[0], dtype=base.dtype)
+    denom = 1.0 + (n - 1) * c
+    t_rows = torch.where(denom.abs() < 1e-12, torch.zeros_like(c), n * c / denom) if n > 1 else c
+    t_el = t_rows.repeat_interleave(r)
+    return mean * t_el + base * (1.0 - t_el)
+
+
+register(
+    MethodSpec(
+        "model_stock",
+        "t·mean(θ_i) + (1−t)·θ_base, t = N·cos/(1+(N−1)·cos), cos = mean pairwise cosine of τ",
+        _model_stock_apply,
+        {"per_channel": False, "cos_eps": 1e-6},
+        inputs="base+models",
+        prepare=_model_stock_prepare,
+        needs=lambda p: frozenset({"row"} if p["per_channel"] else {"tensor"}),
+        min_models=1,
+    )
+)
+
+_GM_PARAMS = {"eps": 1e-6, "maxiter": 100, "ftol": 1e-20}
+
+
+def _centred(vectors: list[Tensor]) -> list[Tensor]:
+    return [v - vectors[0] for v in vectors]
+
+
+def _gm_prepare(source: ChunkSource, ctx: ChunkContext, eps: float, maxiter: int, ftol: float) -> np.ndarray:
+    return weiszfeld_weights(gram_matrix(source, lambda c, xs: _centred(xs)), eps, maxiter, ftol)
+
+
+register(
+    MethodSpec(
+        "geometric_median",
+        "Weiszfeld geometric median of θ_i (whole tensor as one point)",
+        lambda x, ctx, w, **_: _weighted_average(x, w),
+        dict(_GM_PARAMS),
+        prepare=_gm_prepare,
+        needs=_TENSOR,
+    )
+)
+
+
+def _tgmd_deltas(x: list[Tensor], ctx: ChunkContext) -> list[Tensor]:
+    return _signed_filter(_deltas(x), "count")[0]
+
+
+def _tgmd_prepare(source: ChunkSource, ctx: ChunkContext, eps: float, maxiter: int, ftol: float) -> np.ndarray:
+    return weiszfeld_weights(gram_matrix(source, lambda c, xs: _centred(_tgmd_deltas(xs, c))), eps, maxiter, ftol)
+
+
+register(
+    MethodSpec(
+        "tgmd",
+        "θ_base + GM of TIES-SOUP sign-filtered τ_i (disagreeing entries as zeros)",
+        lambda x, ctx, w, **_: x[0] + _weighted_average(_tgmd_deltas(x, ctx), w),
+        dict(_GM_PARAMS),
+        inputs="base+models",
+        prepare=_tgmd_prepare,
+        needs=_TENSOR,
+    )
+)
+
+
+def _dgmla_deltas(x: list[Tensor], ctx: ChunkContext, p: float, della_eps: float) -> list[Tensor]:
+    return _signed_filter(_della_drop(_deltas(x), ctx, p, della_eps), "count")[0]
+
+
+def _dgmla_prepare(
+    source: ChunkSource, ctx: ChunkContext, p: float, della_eps: float, eps: float, maxiter: int, ftol: float
+) -> np.ndarray:
+    gram = gram_matrix(source, lambda c, xs: _centred(_dgmla_deltas(xs, c, p, della_eps)))
+    return weiszfeld_weights(gram, eps, maxiter, ftol)
+
+
+register(
+    MethodSpec(
+        "dgmla",
+        "TGMD over DELLA-dropped deltas (p = 0.1, ε = −0.1)",
+        lambda x, ctx, w, p, della_eps, **_: x[0] + _weighted_average(_dgmla_deltas(x, ctx, p, della_eps), w),
+        {"p": 0.1, "della_eps": -0.1, **_GM_PARAMS},
+        inputs="base+models",
+        prepare=_dgmla_prepare,
+        needs=lambda p: frozenset({"tensor", "row"}),
+        random=True,
+    )
+)
+
+
+def _slerp_prepare(source: ChunkSource, ctx: ChunkContext, t: float) -> tuple[float, float]:
+    g = gram_matrix(source, lambda c, xs: xs)
+    na, nb = math.sqrt(max(g[0, 0], 0.0)), math.sqrt(max(g[1, 1], 0.0))
+    if na == 0.0 or nb == 0.0:
+        return 1.0, 0.0
+    return float(g[0, 1]) / (na * nb), 0.0
+
+
+def _slerp_apply(x: list[Tensor], ctx: ChunkContext, stats: tuple[float, float], t: float) -> Tensor:
+    cos = max(-1.0, min(1.0, stats[0]))
+    if abs(cos) > 0.9995:  # nearly parallel: SLERP degenerates to LERP
+        return x[0] * (1.0 - t) + x[1] * t
+    omega = math.acos(cos)
+    s = math.sin(omega)
+    return x[0] * (math.sin((1.0 - t) * omega) / s) + x[1] * (math.sin(t * omega) / s)
+
+
+register(
+    MethodSpec(
+        "slerp",
+        "sin((1−t)Ω)/sin Ω·A + sin(tΩ)/sin Ω·B, Ω = angle between A and B (LERP when |cos Ω| > 0.9995)",
+        _slerp_apply,
+        {"t": 0.5},
+        inputs=2,
+        prepare=_slerp_prepare,
+        needs=_TENSOR,
+        strength="t",
+    )
+)
