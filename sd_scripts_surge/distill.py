@@ -1,0 +1,226 @@
+"""One distillation step's loss, and the surge update that opens every epoch.
+
+`DistillLoss` = w_task·denoise + w_out·MSE(student out, teacher out) + trajectory loss on hidden units
+(DESIGN §3 F). The student runs with capture hooks that keep the autograd graph on the watched units; the
+teacher runs under no_grad with the same hooks, on the same noisy latents.
+
+`surge_epoch_update` is DESIGN §3 B–E in one place: capture the student on the probes, compare it with the
+teacher's cached flavors, find anchors and zones, move the controller, replay the worst units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .anchors import UnitStatsAccumulator, ZoneRules, Zones, find_zones
+from .capture import CaptureOptions, Flavor, UnitCapture, capture_flavor
+from .controller import UnitLRController
+from .flavors import FlavorStore
+from .losses import (
+    add_noise,
+    alpha_sigma,
+    apply_noise_offset,
+    denoise_loss,
+    output_kd_loss,
+    teacher_scales,
+    trajectory_loss,
+)
+from .probes import ProbeSet
+from .replay import ReplayResult, replay_unit
+from .units import UnitMap
+
+# Teacher call: UNet keyword arguments -> noise prediction (no grad inside).
+TeacherForward = Callable[[dict], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    task: float = 1.0
+    out: float = 1.0
+    traj: float = 0.5
+
+
+def sub_unit_map(unit_map: UnitMap, names: Sequence[str]) -> UnitMap:
+    """The units of `unit_map` named in `names`, in map order (for capturing only what a loss needs)."""
+    wanted = set(names)
+    units = tuple(u for u in unit_map.units if u.name in wanted)
+    return UnitMap(f"{unit_map.name}[{len(units)}]", units, ())
+
+
+def trajectory_units(unit_map: UnitMap) -> list[str]:
+    """Hidden units that carry the trajectory loss: every unit on the feature path (not the time embedding)."""
+    return [u.name for u in unit_map.units if u.kind != "embed"]
+
+
+def scales_from_flavors(store: FlavorStore, units: Sequence[str]) -> dict[str, float]:
+    """s_l = RMS of the teacher's output of unit l over all cached probe batches."""
+    sums = {u: 0.0 for u in units}
+    counts = {u: 0 for u in units}
+    for i in range(len(store)):
+        flavor = store.load(i)
+        for unit in units:
+            out = flavor.units[unit].output.double()
+            sums[unit] += float(out.pow(2).sum())
+            counts[unit] += out.numel()
+    rms = {u: (sums[u] / max(1, counts[u])) ** 0.5 for u in units}
+    return teacher_scales({u: torch.tensor([v]) for u, v in rms.items()})
+
+
+@dataclass
+class NoisedBatch:
+    x0: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    unet_kwargs: dict
+
+
+def noise_batch(latents: torch.Tensor, context: torch.Tensor, added_cond: dict | None,
+                alphas_cumprod: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0,
+                timestep_range: tuple[int, int] = (0, 1000)) -> NoisedBatch:
+    """Draw ε (with sd-scripts' noise offset) and t, and build x_t and the UNet's keyword arguments.
+
+    Random numbers come from `generator` on the CPU, so a resumed run draws exactly what it would have.
+    """
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    if noise_offset:
+        noise = apply_noise_offset(noise, noise_offset, generator)
+    timesteps = torch.randint(timestep_range[0], timestep_range[1], (b,), generator=generator).to(latents.device)
+    sample = add_noise(latents, noise, timesteps, alphas_cumprod)
+    kwargs = {"sample": sample, "timestep": timesteps, "encoder_hidden_states": context}
+    if added_cond:
+        kwargs["added_cond_kwargs"] = added_cond
+    return NoisedBatch(latents, noise, timesteps, kwargs)
+
+
+class DistillLoss:
+    """Task + output-KD + trajectory loss for one batch; returns the total and each term (floats)."""
+
+    def __init__(self, unit_map: UnitMap, alphas_cumprod: torch.Tensor, weights: LossWeights,
+                 scales: dict[str, float] | None = None, v_prediction: bool = False,
+                 min_snr_gamma: float | None = None) -> None:
+        self.alphas_cumprod = alphas_cumprod
+        self.weights = weights
+        self.v_prediction = v_prediction
+        self.min_snr_gamma = min_snr_gamma
+        use_traj = weights.traj > 0 and scales
+        self.traj_map = sub_unit_map(unit_map, [u for u in trajectory_units(unit_map) if u in (scales or {})]) \
+            if use_traj else None
+        self.scales = scales or {}
+        self._options = CaptureOptions(keep_graph=True, topk=1, head_stats=False, time_units=False)
+
+    def __call__(self, student: nn.Module, student_module: nn.Module, teacher: TeacherForward | None,
+                 teacher_module: nn.Module | None, batch: NoisedBatch,
+                 multipliers: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """`student` is what to call (maybe a DDP wrapper); `student_module` the unwrapped UNet for hooks.
+
+        `teacher_module` is the teacher UNet to hook for the trajectory loss (None: no trajectory term)."""
+        w = self.weights
+        traj = self.traj_map is not None and teacher_module is not None and teacher is not None
+        if traj:
+            with UnitCapture(student_module, self.traj_map, self._options) as cap:
+                prediction = student(**batch.unet_kwargs).sample
+                s_flavor = cap.take()
+        else:
+            prediction = student(**batch.unet_kwargs).sample
+        terms: dict[str, torch.Tensor] = {}
+        if w.task:
+            terms["task"] = denoise_loss(prediction, batch.x0, batch.noise, batch.timesteps, self.alphas_cumprod,
+                                         self.v_prediction, self.min_snr_gamma)
+        if teacher is not None and (w.out or traj):
+            with torch.no_grad():
+                if traj:
+                    options = CaptureOptions(topk=1, head_stats=False, time_units=False)
+                    with UnitCapture(teacher_module, self.traj_map, options) as cap:
+                        t_pred = teacher(batch.unet_kwargs)
+                        t_flavor = cap.take()
+                else:
+                    t_pred = teacher(batch.unet_kwargs)
+            if w.out:
+                terms["kd"] = output_kd_loss(prediction, t_pred)
+            if traj:
+                alpha, sigma = alpha_sigma(self.alphas_cumprod, batch.timesteps)
+                terms["traj"] = trajectory_loss(_pairs(s_flavor), _pairs(t_flavor), alpha, sigma, self.scales,
+                                                multipliers, traj_weight=1.0)
+        weight = {"task": w.task, "kd": w.out, "traj": w.traj}
+        total = sum(weight[name] * value for name, value in terms.items())
+        if not terms:
+            raise ValueError("every loss weight is zero (or no teacher for KD); nothing to train")
+        return total, {name: float(value.detach()) for name, value in terms.items()}
+
+
+def _pairs(flavor: Flavor) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+    return {name: (unit.input, unit.output) for name, unit in flavor.units.items()}
+
+
+# ------------------------------------------------------------------------------------------ epoch update
+
+
+@dataclass
+class SurgeUpdate:
+    stats: dict[str, dict[str, float]]
+    zones: Zones
+    targets: dict[str, float]
+    replay: list[ReplayResult] = field(default_factory=list)
+
+
+@torch.no_grad()
+def student_statistics(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, store: FlavorStore,
+                       options: CaptureOptions, shard_indices: Sequence[int], device: torch.device,
+                       dtype: torch.dtype) -> UnitStatsAccumulator:
+    """Capture the student on the probe batches `shard_indices` and accumulate per-unit statistics."""
+    accumulator = UnitStatsAccumulator(unit_map.names, probes.num_seeds)
+    was_training = student.training
+    student.eval()
+    try:
+        for i in shard_indices:
+            index = store.probe_indices(i)
+            _, s_flavor = capture_flavor(student, unit_map, probes.unet_kwargs(index, device=device, dtype=dtype),
+                                         options)
+            accumulator.add(store.load(i), s_flavor, probes.seed_index[index])
+    finally:
+        student.train(was_training)
+    return accumulator
+
+
+def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, store: FlavorStore,
+                       controller: UnitLRController, *, options: CaptureOptions, rules: ZoneRules,
+                       replay_units: int, replay_steps: int, replay_lr: float, pre_change_layers: int,
+                       post_change_layers: int, rank: int = 0, world_size: int = 1,
+                       replay_params: Callable[[str], list[tuple[str, nn.Parameter]] | None] | None = None,
+                       log: Callable[[str], None] = print) -> SurgeUpdate:
+    """DESIGN §3 B–E for one epoch. Every rank calls it; statistics are all-reduced so all ranks agree.
+
+    Replay changes weights: every rank runs it on the same cached flavors, then the caller broadcasts the
+    student's weights from rank 0 (see train.py) so tiny numerical differences cannot split the replicas.
+    """
+    param = next(student.parameters())
+    shards = list(range(rank, len(store), world_size))
+    accumulator = student_statistics(student, unit_map, probes, store, options, shards, param.device, param.dtype)
+    accumulator.all_reduce()
+    stats = accumulator.finalize()
+    zones = find_zones(stats, rules)
+    table = stats.as_dict()
+    targets = controller.update({u: row["d"] for u, row in table.items()}, zones.anchors, zones.slow)
+    update = SurgeUpdate(table, zones, targets)
+    if replay_units > 0 and replay_steps > 0:
+        candidates = sorted(
+            (u for u in zones.high_difference if unit_map[u].kind != "embed"),
+            key=lambda u: -table[u]["d"],
+        )[:replay_units]
+        flavors = [store.load(i) for i in range(len(store))]
+        for unit in candidates:
+            params = replay_params(unit) if replay_params is not None else None
+            if params is not None and not params:
+                continue  # nothing trainable in this unit (e.g. a LoRA that does not reach it)
+            result = replay_unit(student, unit_map, unit, flavors, replay_steps=replay_steps, lr=replay_lr,
+                                 pre_change_layers=pre_change_layers, post_change_layers=post_change_layers,
+                                 params=params)
+            update.replay.append(result)
+            log(f"replay {unit}: window error {result.before:.4g} -> {result.after:.4g} "
+                f"({'kept' if result.accepted else 'rolled back'})")
+    return update
