@@ -59,6 +59,7 @@ class Flavor:
     units: dict[str, UnitFlavor]
     shared: dict[str, torch.Tensor]  # temb, context, attention_mask, encoder_attention_mask
     model_output: torch.Tensor | None = None
+    pool_to: int | None = None  # tensors were pooled to this flavor_resolution (None: full size)
 
 
 # -------------------------------------------------------------------------------------------- pure helpers
@@ -226,7 +227,8 @@ class UnitCapture:
                 time_s=self._times.get(spec.name, float("nan")),
                 heads=heads,
             )
-        flavor = Flavor(units, {k: self._keep(v) for k, v in self._shared.items()}, self._model_output)
+        flavor = Flavor(units, {k: self._keep(v) for k, v in self._shared.items()}, self._model_output,
+                        self.options.pool_to)
         self._reset()
         return flavor
 

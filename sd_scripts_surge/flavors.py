@@ -114,6 +114,7 @@ def flavor_to_tensors(flavor: Flavor) -> dict[str, torch.Tensor]:
         put(f"shared/{k}", v)
     if flavor.model_output is not None:
         put("model_output", flavor.model_output)
+    put("meta/pool_to", torch.tensor([-1 if flavor.pool_to is None else flavor.pool_to]))
     return out
 
 
@@ -121,6 +122,7 @@ def flavor_from_tensors(tensors: dict[str, torch.Tensor]) -> Flavor:
     units: dict[str, dict] = {}
     shared: dict[str, torch.Tensor] = {}
     model_output = tensors.get("model_output")
+    pool_to = int(tensors["meta/pool_to"][0]) if "meta/pool_to" in tensors else -1
     for name, t in tensors.items():
         parts = name.split("/")
         if parts[0] == "shared":
@@ -136,7 +138,8 @@ def flavor_from_tensors(tensors: dict[str, torch.Tensor]) -> Flavor:
                 entry["time_s"] = float(t[0])
             else:
                 entry[{"out": "output", "in": "input"}.get(field_name, field_name)] = t
-    return Flavor({u: UnitFlavor(**e) for u, e in units.items()}, shared, model_output)
+    return Flavor({u: UnitFlavor(**e) for u, e in units.items()}, shared, model_output,
+                  None if pool_to < 0 else pool_to)
 
 
 # ------------------------------------------------------------------------------------------------ store

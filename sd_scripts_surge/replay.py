@@ -152,6 +152,12 @@ def _unit_input(unet: nn.Module, window: _Window, teacher: Flavor, device, dtype
     return _chain_input(window.unit, outs[-1], teacher)
 
 
+def _check_full_size(flavors: Sequence[Flavor]) -> None:
+    if any(fl.pool_to is not None for fl in flavors):
+        raise ValueError("replay needs flavors captured at full size, these were pooled to flavor_resolution="
+                         f"{flavors[0].pool_to}; capture the replay flavors without pooling")
+
+
 def _check_shapes(spec: UnitSpec, y: torch.Tensor, teacher: Flavor) -> None:
     expected = teacher.units[spec.name].output.shape
     if y.shape != expected:
@@ -164,6 +170,7 @@ def window_error(unet: nn.Module, unit_map: UnitMap, unit: str, flavors: Sequenc
                  pre_change_layers: int = 0, post_change_layers: int = 1) -> float:
     """Mean relative difference vs the teacher over the window units (see module docstring)."""
     window = _window(unit_map, unit, pre_change_layers, post_change_layers)
+    _check_full_size(flavors)
     device, dtype = _device_dtype(unet)
     total, count = 0.0, 0
     for fl in flavors:
