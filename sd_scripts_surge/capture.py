@@ -143,8 +143,8 @@ class HeadStatsProcessor:
         entropies, masses, counts = [], [], []
         for start in range(0, q.shape[2], QUERY_CHUNK):
             scores = (q[:, :, start:start + QUERY_CHUNK].float() @ k.float().transpose(-1, -2)) * attn.scale
-            if mask is not None:
-                scores = scores + mask[:, :, start:start + QUERY_CHUNK if mask.shape[2] > 1 else 1].float()
+            if mask is not None:  # (B, heads, 1 or Q, K) additive bias
+                scores = scores + (mask if mask.shape[2] == 1 else mask[:, :, start:start + QUERY_CHUNK]).float()
             e, m = attention_head_summary(scores.softmax(-1), self.buckets)
             entropies.append(e)
             masses.append(m)

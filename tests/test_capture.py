@@ -96,6 +96,25 @@ def test_head_statistics_match_explicit_attention(unet):
     torch.testing.assert_close(stats["buckets"], buckets, rtol=1e-5, atol=1e-6)
 
 
+def test_encoder_attention_mask_and_query_chunks(unet, monkeypatch):
+    """With a token mask the output is still unchanged, and masked tokens get no attention mass."""
+    from sd_scripts_surge import capture
+
+    monkeypatch.setattr(capture, "QUERY_CHUNK", 3)  # 16 queries at level 1 → several chunks
+    kwargs = tiny_kwargs(batch=2)
+    mask = torch.ones(2, 77)
+    mask[:, 40:] = 0  # last two of four buckets (≥ token 39) mostly masked
+    kwargs["encoder_attention_mask"] = mask
+    with torch.no_grad():
+        reference = unet(**kwargs).sample
+        out, flavor = capture_flavor(unet, mbw_unit_map(unet), kwargs)
+    assert torch.equal(out, reference)
+    assert flavor.shared["encoder_attention_mask"].shape[-1] == 77
+    cross = flavor.units["IN04"].heads["down_blocks.1.attentions.0.transformer_blocks.0.attn2"]["buckets"]
+    assert float(cross[..., 3].max()) < 1e-6  # tokens 58–76: all masked
+    torch.testing.assert_close(cross.sum(-1), torch.ones(2, 4))
+
+
 def test_pure_helpers():
     p = torch.full((1, 1, 2, 4), 0.25)
     entropy, mass = attention_head_summary(p, 2)

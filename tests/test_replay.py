@@ -25,11 +25,15 @@ def flavors(teacher):
         return [capture_flavor(teacher, unit_map, tiny_kwargs(batch=2, seed=s))[1] for s in range(3)]
 
 
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("map_builder", [mbw_unit_map, fine_unit_map])
-def test_every_unit_reruns_alone_exactly(teacher, map_builder):
+def test_every_unit_reruns_alone_exactly(teacher, map_builder, masked):
     unit_map = map_builder(teacher)
+    kwargs = tiny_kwargs(batch=2)
+    if masked:
+        kwargs["encoder_attention_mask"] = (torch.arange(77) < 30).float().expand(2, 77)
     with torch.no_grad():
-        _, flavor = capture_flavor(teacher, unit_map, tiny_kwargs(batch=2))
+        _, flavor = capture_flavor(teacher, unit_map, kwargs)
         for spec in unit_map.units:
             f = flavor.units[spec.name]
             assert torch.equal(run_unit(teacher, spec, f.input, flavor.shared, f.side), f.output), spec.name
