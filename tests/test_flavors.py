@@ -159,3 +159,23 @@ def test_loss_from_cache_equals_loss_from_live_teacher(setup):
             _, live = capture_flavor(teacher, unit_map, probes.unet_kwargs(idx), options)
         assert cached.item() > 0
         assert torch.equal(cached, loss_against(live, idx))
+
+
+def test_probe_set_layout_and_fingerprint():
+    from sd_scripts_surge.losses import add_noise
+    from sd_scripts_surge.probes import make_probes
+
+    contexts = torch.randn(2, 77, 64)
+    acp = scaled_linear_alphas_cumprod()
+    probes = make_probes(contexts, [100, 900], [5, 6, 7], acp, (4, 8, 8))
+    assert len(probes) == 12 and probes.num_seeds == 3
+    assert probes.seed_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4  # seed-major
+    assert probes.timesteps.tolist()[:4] == [100, 900, 100, 900]
+    assert torch.equal(probes.context[1], contexts[0]) and torch.equal(probes.context[2], contexts[1])
+    torch.testing.assert_close(probes.sample, add_noise(probes.latents, probes.noise, probes.timesteps, acp))
+    assert not torch.equal(probes.noise[0], probes.noise[4])  # another seed, other noise
+    again = make_probes(contexts, [100, 900], [5, 6, 7], acp, (4, 8, 8))
+    assert again.fingerprint() == probes.fingerprint()
+    assert make_probes(contexts, [100, 901], [5, 6, 7], acp, (4, 8, 8)).fingerprint() != probes.fingerprint()
+    kwargs = probes.unet_kwargs([0, 5])
+    assert kwargs["sample"].shape == (2, 4, 8, 8) and "added_cond_kwargs" not in kwargs
