@@ -282,7 +282,7 @@ class UnitCapture:
                 first_t2d = next((m for m in spec.modules if ".attentions." in m or m == "mid_block"), None)
                 if first_t2d is not None:
                     self._handles.append(self.unet.get_submodule(first_t2d).register_forward_pre_hook(
-                        self._mask_hook, with_kwargs=True))
+                        self._attention_inputs_hook, with_kwargs=True))
                     break
         if self.options.head_stats:
             for spec in self.unit_map.units:
@@ -329,10 +329,12 @@ class UnitCapture:
         out = _first_tensor(output)
         self._model_output = out if self.options.keep_graph else out.detach().clone()
 
-    def _mask_hook(self, module, args, kwargs):
-        for key in ("attention_mask", "encoder_attention_mask"):
+    def _attention_inputs_hook(self, module, args, kwargs):
+        # what the attention blocks receive (after any encoder_hid_proj), not what the UNet was called with
+        for key, name in (("encoder_hidden_states", "context"), ("attention_mask", "attention_mask"),
+                          ("encoder_attention_mask", "encoder_attention_mask")):
             if kwargs.get(key) is not None:
-                self._shared[key] = kwargs[key]
+                self._shared[name] = kwargs[key]
 
     def _head_recorder(self, attn_name: str):
         def record(entropy: torch.Tensor, mass: torch.Tensor) -> None:
