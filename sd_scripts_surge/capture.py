@@ -217,18 +217,15 @@ class UnitCapture:
             raise RuntimeError(f"capture saw no output for units {missing}; was the UNet run inside the capture?")
         units = {}
         for spec in self.unit_map.units:
-            out = self._outputs[spec.name]
-            heads = {a: self._heads[a] for a in spec.attention if a in self._heads}
             units[spec.name] = UnitFlavor(
-                output=self._keep(out),
-                input=self._keep(self._inputs[spec.name]) if self.options.record_inputs else None,
-                side={k: self._keep(v) for k, v in self._sides[spec.name].items()},
-                topk=top_channels(out, self.options.topk),
+                output=self._outputs[spec.name],
+                input=self._inputs.get(spec.name),
+                side=dict(self._sides[spec.name]),
+                topk=self._topk[spec.name],
                 time_s=self._times.get(spec.name, float("nan")),
-                heads=heads,
+                heads={a: self._heads[a] for a in spec.attention if a in self._heads},
             )
-        flavor = Flavor(units, {k: self._keep(v) for k, v in self._shared.items()}, self._model_output,
-                        self.options.pool_to)
+        flavor = Flavor(units, dict(self._shared), self._model_output, self.options.pool_to)
         self._reset()
         return flavor
 
@@ -236,6 +233,7 @@ class UnitCapture:
     def _reset(self) -> None:
         self._inputs: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
+        self._topk: dict[str, torch.Tensor] = {}
         self._sides: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         self._shared: dict[str, torch.Tensor] = {}
         self._starts: dict[str, float] = {}
@@ -243,8 +241,10 @@ class UnitCapture:
         self._heads: dict[str, dict[str, torch.Tensor]] = {}
         self._model_output: torch.Tensor | None = None
 
-    def _keep(self, x: torch.Tensor) -> torch.Tensor:
-        x = pool_tensor(x, self.options.pool_to)
+    def _keep(self, x: torch.Tensor, pool: bool = True) -> torch.Tensor:
+        """What is stored: pooled at once (bounds peak memory), a detached copy unless the graph is kept (a copy
+        also protects against later in-place changes)."""
+        x = pool_tensor(x, self.options.pool_to) if pool else x
         if self.options.keep_graph:
             return x
         return x.detach().clone()
@@ -296,17 +296,19 @@ class UnitCapture:
         for action, name, point, side_name in actions:
             x = value_of(point)
             if action == "in":
-                self._inputs[name] = x
+                if self.options.record_inputs:
+                    self._inputs[name] = self._keep(x)
                 if self.options.time_units:
                     self._starts[name] = self._now(x)
             elif action == "out":
-                self._outputs[name] = x
                 if self.options.time_units and name in self._starts:
                     self._times[name] = self._now(x) - self._starts[name]
+                self._topk[name] = top_channels(x, self.options.topk)
+                self._outputs[name] = self._keep(x)
             elif action == "side":
-                self._sides[name][side_name] = x
+                self._sides[name][side_name] = self._keep(x)
             elif action == "shared" and x is not None:
-                self._shared[name] = x
+                self._shared[name] = self._keep(x, pool=False)
 
     def _pre_hook(self, actions: list):
         def hook(module, args, kwargs):
@@ -323,7 +325,7 @@ class UnitCapture:
     def _unet_pre_hook(self, module, args, kwargs):
         context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
         if context is not None:
-            self._shared["context"] = context
+            self._shared["context"] = self._keep(context, pool=False)
 
     def _unet_post_hook(self, module, args, output):
         out = _first_tensor(output)
@@ -334,7 +336,7 @@ class UnitCapture:
         for key, name in (("encoder_hidden_states", "context"), ("attention_mask", "attention_mask"),
                           ("encoder_attention_mask", "encoder_attention_mask")):
             if kwargs.get(key) is not None:
-                self._shared[name] = kwargs[key]
+                self._shared[name] = self._keep(kwargs[key], pool=False)
 
     def _head_recorder(self, attn_name: str):
         def record(entropy: torch.Tensor, mass: torch.Tensor) -> None:

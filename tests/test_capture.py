@@ -137,6 +137,7 @@ def test_pooling_to_flavor_resolution(unet):
         _, flavor = capture_flavor(unet, fine_unit_map(unet), tiny_kwargs(), CaptureOptions(pool_to=2))
     assert flavor.units["conv_in"].output.shape == (2, 32, 2, 2)
     assert flavor.units["down_blocks.1.attentions.0.transformer_blocks.0"].output.shape == (2, 4, 64)
+    assert flavor.shared["context"].shape == (2, 77, 64)  # shared side inputs are not spatial: never pooled
     torch.testing.assert_close(flavor.units["conv_in"].output.mean(dim=(2, 3)),
                                capture_flavor(unet, fine_unit_map(unet), tiny_kwargs())[1]
                                .units["conv_in"].output.mean(dim=(2, 3)))
