@@ -39,6 +39,19 @@ def test_every_unit_reruns_alone_exactly(teacher, map_builder, masked):
             assert torch.equal(run_unit(teacher, spec, f.input, flavor.shared, f.side), f.output), spec.name
 
 
+@pytest.mark.parametrize("map_builder", [mbw_unit_map, fine_unit_map])
+def test_teacher_chain_reproduces_its_own_flavors(teacher, map_builder):
+    """Running any window of the teacher in chain (skips, residuals, pre-change re-runs) from its cached inputs
+    gives exactly its cached outputs: the window error of the teacher against itself is zero everywhere."""
+    unit_map = map_builder(teacher)
+    with torch.no_grad():
+        flavor = capture_flavor(teacher, unit_map, tiny_kwargs(batch=1))[1]
+    for spec in unit_map.units:
+        if spec.kind != "embed":
+            assert window_error(teacher, unit_map, spec.name, [flavor], pre_change_layers=3,
+                                post_change_layers=4) == 0.0, spec.name
+
+
 def weights(unet, unit_map, unit):
     return {n: p.detach().clone() for n, p in unit_parameters(unet, unit_map[unit])}
 
@@ -54,6 +67,16 @@ def test_accept_path(teacher, flavors):
     assert any(not torch.equal(before_weights[n], after_weights[n]) for n in before_weights)
     # other units untouched
     assert torch.equal(student.conv_in.weight, teacher.conv_in.weight)
+
+
+def test_accept_path_fine_transformer_block(teacher):
+    unit_map = fine_unit_map(teacher)
+    unit = "down_blocks.2.attentions.0.transformer_blocks.1"
+    student = perturbed_copy(teacher, unit_map, [unit], scale=0.3)
+    with torch.no_grad():
+        flavors = [capture_flavor(teacher, unit_map, tiny_kwargs(batch=2, seed=s))[1] for s in range(2)]
+    result = replay_unit(student, unit_map, unit, flavors, replay_steps=20, lr=1e-3, post_change_layers=3)
+    assert result.accepted and result.after < result.before
 
 
 def test_rollback_restores_exact_weights_and_grad_state(teacher, flavors):
