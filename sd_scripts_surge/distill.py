@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .anchors import UnitStatsAccumulator, ZoneRules, Zones, find_zones
@@ -42,6 +43,7 @@ class LossWeights:
     task: float = 1.0
     out: float = 1.0
     traj: float = 0.5
+    feature: float = 0.0  # BK-SDM-style feature KD: mean over units of MSE(h_S, h_T), equal weights
 
 
 def sub_unit_map(unit_map: UnitMap, names: Sequence[str]) -> UnitMap:
@@ -107,7 +109,7 @@ class DistillLoss:
         self.weights = weights
         self.v_prediction = v_prediction
         self.min_snr_gamma = min_snr_gamma
-        use_traj = weights.traj > 0 and scales
+        use_traj = (weights.traj > 0 or weights.feature > 0) and scales
         self.traj_map = sub_unit_map(unit_map, [u for u in trajectory_units(unit_map) if u in (scales or {})]) \
             if use_traj else None
         self.scales = scales or {}
@@ -142,15 +144,24 @@ class DistillLoss:
                     t_pred = teacher(batch.unet_kwargs)
             if w.out:
                 terms["kd"] = output_kd_loss(prediction, t_pred)
-            if traj:
+            if traj and w.traj:
                 alpha, sigma = alpha_sigma(self.alphas_cumprod, batch.timesteps)
                 terms["traj"] = trajectory_loss(_pairs(s_flavor), _pairs(t_flavor), alpha, sigma, self.scales,
                                                 multipliers, traj_weight=1.0)
-        weight = {"task": w.task, "kd": w.out, "traj": w.traj}
+            if traj and w.feature:
+                terms["feature"] = feature_kd_loss(s_flavor, t_flavor)
+        weight = {"task": w.task, "kd": w.out, "traj": w.traj, "feature": w.feature}
         total = sum(weight[name] * value for name, value in terms.items())
         if not terms:
             raise ValueError("every loss weight is zero (or no teacher for KD); nothing to train")
         return total, {name: float(value.detach()) for name, value in terms.items()}
+
+
+def feature_kd_loss(student: Flavor, teacher: Flavor) -> torch.Tensor:
+    """BK-SDM's feature distillation: Σ_l MSE(h_S,l, h_T,l) / K over the K captured units, equal weights."""
+    terms = [F.mse_loss(unit.output.float(), teacher.units[name].output.float().to(unit.output.device))
+             for name, unit in student.units.items()]
+    return torch.stack(terms).mean()
 
 
 def _pairs(flavor: Flavor) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:

@@ -80,3 +80,21 @@ def test_sub_unit_map_keeps_order(setup):
     names = trajectory_units(unit_map)
     sub = sub_unit_map(unit_map, list(reversed(names[:3])))
     assert sub.names == names[:3]
+
+
+def test_feature_kd_is_mean_of_unit_mses(setup):
+    teacher, unit_map, latents, context, added = setup
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.get_submodule("mid_block").resnets[0].conv1.weight.mul_(1.5)
+    batch = noise_batch(latents, context, added, scaled_linear_alphas_cumprod(), torch.Generator().manual_seed(2))
+    loss_fn = _loss(unit_map, LossWeights(task=0.0, out=0.0, traj=0.0, feature=1.0))
+    _, terms = loss_fn(student, student, lambda kw: teacher(**kw).sample, teacher, batch)
+    from sd_scripts_surge.capture import CaptureOptions, capture_flavor
+
+    sub = loss_fn.traj_map
+    _, fs = capture_flavor(student, sub, batch.unet_kwargs, CaptureOptions(head_stats=False))
+    _, ft = capture_flavor(teacher, sub, batch.unet_kwargs, CaptureOptions(head_stats=False))
+    expected = sum(float(((fs.units[u].output - ft.units[u].output) ** 2).mean()) for u in sub.names) / len(sub.names)
+    assert terms["feature"] == pytest.approx(expected, rel=1e-5)
+    assert terms["feature"] > 0
