@@ -100,8 +100,12 @@ def plot_heatmap(stats: UnitStats, zones: Zones, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(2.2 + 0.5 * d.shape[1], 0.26 * len(stats.units) + 1.5))
     image = ax.imshow(d, aspect="auto", cmap="magma")
     ax.set_xticks(range(d.shape[1]), [f"seed {k}" for k in range(d.shape[1])])
-    labels = [f"{u}  ◆" if u in zones.anchors else (f"{u}  ▲" if u in zones.high_difference else u)
-              for u in stats.units]
+    def label(u: str) -> str:
+        marks = ("◆" if u in zones.anchors else "") + ("▲" if u in zones.high_difference else "") + \
+            ("~" if u in zones.slow else "")
+        return f"{u}  {marks}" if marks else u
+
+    labels = [label(u) for u in stats.units]
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     for i, u in enumerate(stats.units):
         if u in zones.anchors:
@@ -109,7 +113,8 @@ def plot_heatmap(stats: UnitStats, zones: Zones, path: Path) -> None:
         elif u in zones.high_difference:
             ax.get_yticklabels()[i].set_color("tab:red")
     fig.colorbar(image, ax=ax, label="relative difference ‖h_T − h_S‖² / ‖h_T‖²")
-    ax.set_title("teacher vs student per unit and seed\n◆ anchor (blue)   ▲ high-difference (red)", fontsize=9)
+    ax.set_title("teacher vs student per unit and seed\n◆ anchor (blue)   ▲ high-difference (red)   ~ slow",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

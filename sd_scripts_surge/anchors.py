@@ -16,7 +16,8 @@ Zones (`find_zones`):
   ≥ `high_ratio` × (mean excess over units in that seed) — consistently high where it originates;
 - slow: the difference is inconsistent across seeds (std_k d / mean_k d ≥ `slow_cv`, for units whose mean d
   is at least `slow_min_ratio` × the unit mean, so numerical noise on near-identical units does not count), or
-  the student's time share is more than `slow_time_ratio` × the teacher's for that unit.
+  the student's time share is more than `slow_time_ratio` × the teacher's for that unit (judged only for units
+  whose teacher time share is at least half an even share: tiny units are timing noise).
 """
 
 from __future__ import annotations
@@ -205,7 +206,8 @@ def find_zones(stats: UnitStats, rules: ZoneRules | None = None) -> Zones:
         slow_time = False
         if rules.slow_time_ratio is not None:
             t_share, s_share = float(stats.time_share_teacher[i]), float(stats.time_share_student[i])
-            slow_time = t_share > 0 and s_share > rules.slow_time_ratio * t_share
+            # units too small to time reliably (share < half an even share) are not judged by their time
+            slow_time = t_share >= 0.5 / len(stats.units) and s_share > rules.slow_time_ratio * t_share
         if inconsistent or slow_time:
             zones.slow.append(unit)
     return zones

@@ -123,3 +123,5 @@ def test_zone_rules_on_synthetic_stats():
     assert zones.anchors == ["u3"]  # u0 is similar but its top-k channels are unstable in seed 1
     assert zones.high_difference == ["u2"]  # u1 is high in one seed only
     assert zones.slow == ["u1", "u3"]  # u1: inconsistent across seeds; u3: time share 0.7 vs 0.25
+    tiny_unit = synthetic(d=[[0.1, 0.1]] * 4, time_t=[0.1, 0.3, 0.3, 0.3], time_s=[0.5, 0.2, 0.2, 0.1])
+    assert find_zones(tiny_unit, ZoneRules(slow_time_ratio=2.0)).slow == []  # 0.1 < half an even share
