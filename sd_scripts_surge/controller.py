@@ -173,7 +173,10 @@ class UnitLRController:
 
         AdaSurge groups (with a "surge_scale" key) get surge_scale = multiplier. Other optimizers get
         lr = lr_base × multiplier, where lr_base is the group's lr as last set by someone else (a scheduler):
-        re-applying without a scheduler step does not compound. Every unit group also gets "cascade_offset".
+        re-applying without a scheduler step does not compound. This assumes a scheduler that sets lr from the
+        group's initial_lr (LambdaLR: every diffusers/sd-scripts schedule, Cascade); a chainable scheduler that
+        multiplies the current lr (StepLR, ExponentialLR) would compound the multiplier: use AdaSurge's
+        surge_scale there. Every unit group also gets "cascade_offset".
         """
         mult = self.multipliers()
         for group in optimizer.param_groups:
