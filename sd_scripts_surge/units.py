@@ -103,7 +103,7 @@ def _attention_modules(unet: nn.Module, prefix: str) -> tuple[str, ...]:
     return tuple(f"{prefix}.{n}" for n, m in unet.get_submodule(prefix).named_modules() if isinstance(m, Attention))
 
 
-def _fine_transformer(unet: nn.Module, t2d: str, skip_from: str | None = None) -> list[UnitSpec]:
+def _fine_transformer(unet: nn.Module, t2d: str) -> list[UnitSpec]:
     """Split one Transformer2DModel into entry, blocks and exit units."""
     n_blocks = len(unet.get_submodule(t2d).transformer_blocks)
     blocks = [f"{t2d}.transformer_blocks.{k}" for k in range(n_blocks)]
@@ -115,6 +115,34 @@ def _fine_transformer(unet: nn.Module, t2d: str, skip_from: str | None = None) -
     units.append(UnitSpec(f"{t2d}.out", "attn_out", (f"{t2d}.proj_out",), HookPoint(blocks[-1], "output"),
                           HookPoint(t2d, "output"), side_points=(("residual", HookPoint(t2d, "input")),)))
     return units
+
+
+def _resnet_unit(path: str) -> UnitSpec:
+    return UnitSpec(path, "resnet", (path,), HookPoint(path, "input"), HookPoint(path, "output"), needs=("temb",))
+
+
+def _resnet_layer(unet: nn.Module, block: str, j: int, name: str, side: str, upsampler: bool = False) -> _Layer:
+    """One ldm block made of resnets[j] (+ attentions[j]) (+ the upsampler) of a diffusers down/up block."""
+    res = f"{block}.resnets.{j}"
+    modules: tuple[str, ...] = (res,)
+    fine = [_resnet_unit(res)]
+    needs: tuple[str, ...] = ("temb",)
+    attention: tuple[str, ...] = ()
+    attns = getattr(unet.get_submodule(block), "attentions", None)
+    if attns is not None and len(attns) > j:
+        t2d = f"{block}.attentions.{j}"
+        modules += (t2d,)
+        fine += _fine_transformer(unet, t2d)
+        needs = ("temb", "context")
+        attention = _attention_modules(unet, t2d)
+    if upsampler:
+        up = f"{block}.upsamplers.0"
+        modules += (up,)
+        fine.append(UnitSpec(up, "upsample", (up,), HookPoint(up, "input"), HookPoint(up, "output")))
+    kind = "down_layer" if side == "in" else "up_layer"
+    mbw = UnitSpec(name, kind, modules, HookPoint(res, "input"), HookPoint(modules[-1], "output"),
+                   attention=attention, needs=needs)
+    return _Layer(side, mbw, fine)
 
 
 def _walk(unet: nn.Module) -> list[_Layer]:
@@ -133,40 +161,23 @@ def _walk(unet: nn.Module) -> list[_Layer]:
     layers.append(_Layer("base", base, [UnitSpec(**{**_fields(base), "name": "time_embed"})]))
 
     conv_in = UnitSpec("IN00", "conv_in", ("conv_in",), HookPoint("conv_in", "input"), HookPoint("conv_in", "output"))
-    layers.append(_Layer("in", conv_in, [UnitSpec("conv_in", "conv_in", ("conv_in",), conv_in.input_at,
-                                                  conv_in.output_at)]))
-
-    def resnet_unit(path: str) -> UnitSpec:
-        return UnitSpec(path, "resnet", (path,), HookPoint(path, "input"), HookPoint(path, "output"), needs=("temb",))
+    layers.append(_Layer("in", conv_in, [UnitSpec(**{**_fields(conv_in), "name": "conv_in"})]))
 
     for i, block in enumerate(unet.down_blocks):
-        attns = getattr(block, "attentions", None)
         for j in range(len(block.resnets)):
-            res = f"down_blocks.{i}.resnets.{j}"
-            mods: tuple[str, ...] = (res,)
-            fine = [resnet_unit(res)]
-            needs: tuple[str, ...] = ("temb",)
-            if attns is not None and len(attns) > j:
-                t2d = f"down_blocks.{i}.attentions.{j}"
-                mods += (t2d,)
-                fine += _fine_transformer(unet, t2d)
-                needs = ("temb", "context")
-            attention = _attention_modules(unet, mods[1]) if len(mods) > 1 else ()
-            mbw = UnitSpec(f"IN{len(layers) - 1:02d}", "down_layer", mods, HookPoint(res, "input"),
-                           HookPoint(mods[-1], "output"), attention=attention, needs=needs)
-            layers.append(_Layer("in", mbw, fine))
+            layers.append(_resnet_layer(unet, f"down_blocks.{i}", j, f"IN{len(layers) - 1:02d}", "in"))
         if getattr(block, "downsamplers", None):
             ds = f"down_blocks.{i}.downsamplers.0"
             spec = UnitSpec(f"IN{len(layers) - 1:02d}", "downsample", (ds,), HookPoint(ds, "input"),
                             HookPoint(ds, "output"))
-            layers.append(_Layer("in", spec, [UnitSpec(ds, "downsample", (ds,), spec.input_at, spec.output_at)]))
+            layers.append(_Layer("in", spec, [UnitSpec(**{**_fields(spec), "name": ds})]))
 
     mid = unet.mid_block
     if mid is not None:
-        fine = [resnet_unit("mid_block.resnets.0")]
+        fine = [_resnet_unit("mid_block.resnets.0")]
         for k in range(len(getattr(mid, "attentions", []))):
             fine += _fine_transformer(unet, f"mid_block.attentions.{k}")
-            fine.append(resnet_unit(f"mid_block.resnets.{k + 1}"))
+            fine.append(_resnet_unit(f"mid_block.resnets.{k + 1}"))
         layers.append(_Layer("mid", UnitSpec("M00", "mid", ("mid_block",), HookPoint("mid_block", "input"),
                                              HookPoint("mid_block", "output"),
                                              attention=_attention_modules(unet, "mid_block"),
@@ -174,27 +185,10 @@ def _walk(unet: nn.Module) -> list[_Layer]:
 
     n_out = 0
     for i, block in enumerate(unet.up_blocks):
-        attns = getattr(block, "attentions", None)
         n = len(block.resnets)
         for j in range(n):
-            res = f"up_blocks.{i}.resnets.{j}"
-            mods = (res,)
-            fine = [resnet_unit(res)]
-            needs = ("temb",)
-            attention: tuple[str, ...] = ()
-            if attns is not None and len(attns) > j:
-                t2d = f"up_blocks.{i}.attentions.{j}"
-                mods += (t2d,)
-                fine += _fine_transformer(unet, t2d)
-                needs = ("temb", "context")
-                attention = _attention_modules(unet, t2d)
-            if j == n - 1 and getattr(block, "upsamplers", None):
-                up = f"up_blocks.{i}.upsamplers.0"
-                mods += (up,)
-                fine.append(UnitSpec(up, "upsample", (up,), HookPoint(up, "input"), HookPoint(up, "output")))
-            mbw = UnitSpec(f"OUT{n_out:02d}", "up_layer", mods, HookPoint(res, "input"), HookPoint(mods[-1], "output"),
-                           attention=attention, needs=needs)
-            layers.append(_Layer("out_blocks", mbw, fine))
+            upsampler = j == n - 1 and bool(getattr(block, "upsamplers", None))
+            layers.append(_resnet_layer(unet, f"up_blocks.{i}", j, f"OUT{n_out:02d}", "out_blocks", upsampler))
             n_out += 1
 
     out_mods = tuple(m for m in ("conv_norm_out", "conv_act", "conv_out") if getattr(unet, m, None) is not None)
