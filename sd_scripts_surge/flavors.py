@@ -93,10 +93,14 @@ def make_cache_key(teacher: nn.Module, probes: ProbeSet, unit_map: UnitMap, dtyp
 
 def flavor_to_tensors(flavor: Flavor) -> dict[str, torch.Tensor]:
     """Flatten a flavor into safetensors-ready named CPU tensors."""
-    out: dict[str, torch.Tensor] = {}
+    return {name: t.detach().cpu().contiguous().clone() for name, t in _named_tensors(flavor)}
+
+
+def _named_tensors(flavor: Flavor) -> list[tuple[str, torch.Tensor]]:
+    out: list[tuple[str, torch.Tensor]] = []
 
     def put(name: str, t: torch.Tensor) -> None:
-        out[name] = t.detach().cpu().contiguous().clone()
+        out.append((name, t))
 
     for unit, f in flavor.units.items():
         put(f"unit/{unit}/out", f.output)
@@ -116,6 +120,23 @@ def flavor_to_tensors(flavor: Flavor) -> dict[str, torch.Tensor]:
         put("model_output", flavor.model_output)
     put("meta/pool_to", torch.tensor([-1 if flavor.pool_to is None else flavor.pool_to]))
     return out
+
+
+def estimate_flavor_bytes(unet: nn.Module, unit_map: UnitMap, unet_kwargs: dict,
+                          options: CaptureOptions | None = None) -> int | None:
+    """Bytes of one batch's flavor, from a capture of the same architecture on the meta device (shapes only:
+    no compute, no memory). None when the model cannot be rebuilt or run there."""
+    try:
+        with torch.device("meta"):
+            meta = type(unet).from_config(unet.config)
+        kwargs = {k: ({kk: vv.to("meta") for kk, vv in v.items()} if isinstance(v, dict) else
+                      v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in unet_kwargs.items()}
+        with torch.no_grad(), UnitCapture(meta, unit_map, options or CaptureOptions()) as cap:
+            meta(**kwargs)
+            flavor = cap.take()
+    except Exception:  # an estimate only: never let it stop the capture
+        return None
+    return sum(t.numel() * t.element_size() for _, t in _named_tensors(flavor))
 
 
 def flavor_from_tensors(tensors: dict[str, torch.Tensor]) -> Flavor:
@@ -199,11 +220,12 @@ def _write_manifest(directory: Path, manifest: dict) -> None:
 def build_or_load_flavors(directory: str | os.PathLike, teacher: nn.Module, unit_map: UnitMap, probes: ProbeSet,
                           key: CacheKey, batch_size: int = 4, options: CaptureOptions | None = None,
                           device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                          log=print) -> FlavorStore:
+                          log=print, estimate: bool = True) -> FlavorStore:
     """Return the teacher's flavors for `probes`, capturing only what is missing or invalid.
 
-    Reuses shards when `key` matches the manifest and their checksums verify; otherwise (re)captures with an
-    estimate (time of the first batch × batches, its shard size × batches) printed first and a progress bar.
+    Reuses shards when `key` matches the manifest and their checksums verify; otherwise (re)captures with a
+    progress bar, printing a size estimate first (from a shape-only pass on the meta device; `estimate=False`
+    skips it) and a time/size extrapolation from the first batch.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -239,6 +261,11 @@ def build_or_load_flavors(directory: str | os.PathLike, teacher: nn.Module, unit
         manifest["complete"] = True
         return FlavorStore(directory, manifest)
 
+    per_batch_bytes = estimate_flavor_bytes(teacher, unit_map, probes.unet_kwargs(batches[0]), options) \
+        if estimate else None
+    if per_batch_bytes is not None:
+        log(f"flavor cache: {len(todo)} batches to capture, about {per_batch_bytes * len(todo) / 2**20:.1f} MB "
+            f"({per_batch_bytes / 2**20:.2f} MB per batch of {len(batches[0])} probes)")
     was_training = teacher.training
     teacher.eval()
     started = time.perf_counter()
@@ -254,9 +281,8 @@ def build_or_load_flavors(directory: str | os.PathLike, teacher: nn.Module, unit
                 _write_manifest(directory, manifest)
                 if n == 0:
                     per_batch = time.perf_counter() - t0
-                    log(f"flavor cache: capturing {len(todo)} batches of ≤{batch_size} probes, "
-                        f"≈{entry['bytes'] * len(todo) / 2**20:.1f} MB and ≈{per_batch * len(todo):.1f} s "
-                        f"(first batch: {entry['bytes'] / 2**20:.2f} MB, {per_batch:.2f} s)")
+                    log(f"flavor cache: first batch took {per_batch:.2f} s and {entry['bytes'] / 2**20:.2f} MB → "
+                        f"≈{per_batch * len(todo):.1f} s and ≈{entry['bytes'] * len(todo) / 2**20:.1f} MB in all")
     finally:
         teacher.train(was_training)
     manifest["complete"] = True

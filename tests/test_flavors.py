@@ -51,6 +51,7 @@ def setup(tmp_path):
 def build(setup, log=None, **kw):
     teacher, unit_map, probes, options, key, directory = setup
     messages = []
+    kw.setdefault("estimate", False)  # the meta-device size estimate is tested on its own
     store = build_or_load_flavors(directory, teacher, unit_map, probes, kw.pop("key", key), batch_size=2,
                                   options=options, log=messages.append, **kw)
     return store, messages
@@ -59,9 +60,10 @@ def build(setup, log=None, **kw):
 def test_build_then_reuse(setup):
     teacher = setup[0]
     counter = Counter(teacher)
-    store, messages = build(setup)
+    store, messages = build(setup, estimate=True)
     assert counter.calls == 2 and len(store) == 2
-    assert any("≈" in m and "MB" in m for m in messages)  # estimate printed
+    assert "about" in messages[0] and "MB per batch" in messages[0]  # size estimate before any capture
+    assert any("first batch took" in m for m in messages)  # time extrapolation after the first batch
     manifest = json.loads((setup[5] / "manifest.json").read_text())
     assert manifest["complete"] and all(len(s["sha256"]) == 64 for s in manifest["shards"])
     store2, messages = build(setup)
@@ -179,3 +181,18 @@ def test_probe_set_layout_and_fingerprint():
     assert make_probes(contexts, [100, 901], [5, 6, 7], acp, (4, 8, 8)).fingerprint() != probes.fingerprint()
     kwargs = probes.unet_kwargs([0, 5])
     assert kwargs["sample"].shape == (2, 4, 8, 8) and "added_cond_kwargs" not in kwargs
+
+
+def test_size_estimate_from_meta_device_matches_real_shard_payload():
+    from sd_scripts_surge.flavors import estimate_flavor_bytes
+
+    teacher = tiny_teacher(0)
+    unit_map = mbw_unit_map(teacher)
+    probes = tiny_probes(num_conditions=1, seeds=(0,))
+    for options in (CaptureOptions(), CaptureOptions(pool_to=2)):
+        kwargs = probes.unet_kwargs([0, 1])
+        estimate = estimate_flavor_bytes(teacher, unit_map, kwargs, options)
+        with torch.no_grad():
+            _, flavor = capture_flavor(teacher, unit_map, kwargs, options)
+        assert estimate == sum(t.numel() * t.element_size() for t in flavor_to_tensors(flavor).values())
+    assert all(p.device.type == "cpu" for p in teacher.parameters())  # the real model was not touched
