@@ -38,6 +38,9 @@ def make_tokenizer_dir(path: Path) -> Path:
     vocab["<|endoftext|>"] = len(vocab)
     (path / "vocab.json").write_text(json.dumps(vocab))
     (path / "merges.txt").write_text("#version: 0.2\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    config = {"model_max_length": 77, "pad_token": "<|endoftext|>", **special}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
 
 
