@@ -298,6 +298,15 @@ class Teacher:
 
     __call__ = unet_forward
 
+    def predict(self, unet_kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """`unet_forward` from diffusers-style keyword arguments (sample, timestep, encoder_hidden_states,
+        added_cond_kwargs): usable directly as distill's `TeacherForward`."""
+        unknown = sorted(set(unet_kwargs) - {"sample", "timestep", "encoder_hidden_states", "added_cond_kwargs"})
+        if unknown:
+            raise ValueError(f"teacher.predict: unsupported UNet argument(s) {unknown}")
+        return self.unet_forward(unet_kwargs["sample"], unet_kwargs["timestep"], unet_kwargs["encoder_hidden_states"],
+                                 unet_kwargs.get("added_cond_kwargs"))
+
     @torch.no_grad()
     def text_encoder_forward(self, index: int, input_ids: torch.Tensor, expert: int = 0, **kwargs: Any) -> Any:
         """Text encoder `index` (0 = TE1, 1 = TE2) of expert `expert`, with its LoRAs enabled."""

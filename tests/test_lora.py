@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +78,40 @@ def test_sdxl_names_follow_ldm_layout_and_kohya_counts():
     assert not any("proj_in" in n or "emb_layers" in n for n in names if "_0_0_" in n)  # no resnet targets
 
 
+def test_sd_scripts_sdxl_keys_land_on_the_matching_diffusers_layers():
+    unet, tes = tiny_models()
+    tb = "transformer_blocks_0"
+    expected = {  # kohya name written by sd-scripts (ldm UNet) -> our diffusers module
+        f"lora_unet_input_blocks_4_1_{tb}_attn1_to_q": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "lora_unet_input_blocks_8_1_proj_out": "down_blocks.2.attentions.1.proj_out",
+        f"lora_unet_middle_block_1_{tb}_attn2_to_k": "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+        "lora_unet_middle_block_2_in_layers_2": "mid_block.resnets.1.conv1",
+        f"lora_unet_output_blocks_3_1_{tb}_ff_net_2": "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2",
+        "lora_unet_output_blocks_2_2_conv": "up_blocks.0.upsamplers.0.conv",
+        "lora_unet_input_blocks_6_0_op": "down_blocks.1.downsamplers.0.conv",
+        "lora_unet_output_blocks_8_0_skip_connection": "up_blocks.2.resnets.2.conv_shortcut",
+        "lora_unet_input_blocks_1_0_emb_layers_1": "down_blocks.0.resnets.0.time_emb_proj",
+        "lora_te2_text_model_encoder_layers_1_self_attn_out_proj": "text_model.encoder.layers.1.self_attn.out_proj",
+        "lora_te1_text_model_encoder_layers_2_mlp_fc1": "encoder.layers.2.mlp.fc1",
+    }
+    sd = {}
+    for name, path in expected.items():
+        root = tes[1] if name.startswith("lora_te2") else tes[0] if name.startswith("lora_te1") else unet
+        layer = root.get_submodule(path)
+        k = layer.kernel_size if isinstance(layer, torch.nn.Conv2d) else None
+        fan_in = layer.in_channels if k else layer.in_features
+        fan_out = layer.out_channels if k else layer.out_features
+        sd[f"{name}.lora_down.weight"] = torch.zeros((2, fan_in, *k) if k else (2, fan_in))
+        sd[f"{name}.lora_up.weight"] = torch.zeros((fan_out, 2, 1, 1) if k else (fan_out, 2))
+        sd[f"{name}.alpha"] = torch.tensor(1.0)
+    net, weights = L.create_network_from_weights(1.0, None, None, tes, unet, weights_sd=sd)
+    net.load_state_dict(weights)
+    for m in net.loras:
+        root = tes[1] if m.lora_name.startswith("lora_te2") else tes[0] if m.lora_name.startswith("lora_te1") else unet
+        assert m.org_module is root.get_submodule(expected[m.lora_name]), m.lora_name
+    assert len(net.loras) == len(expected)
+
+
 def test_conv_dim_adds_resnet_and_sampler_layers():
     unet, tes = tiny_models()
     net = L.create_network(1.0, 4, 1, None, tes, unet, conv_dim="2", conv_alpha="1")
@@ -100,6 +135,21 @@ def test_real_size_sdxl_module_counts_on_meta():
     tes = [_empty_module("text_encoder_1", c.text_encoder_1), _empty_module("text_encoder_2", c.text_encoder_2)]
     net = L.create_network(1.0, 4, 1, None, tes, unet)
     assert (len(net.unet_loras), len(net.text_encoder_loras)) == (722, 264)  # what sd-scripts prints for SDXL
+    # every UNet / TE1 LoRA names a real layer of an SDXL single file, with the same weight shape
+    real = json.loads((Path(__file__).parent / "data" / "sdxl-sgm.json").read_text())["components"]
+    conv = L.create_network(1.0, 4, 1, None, tes, unet, conv_dim=4)
+    for m in conv.unet_loras + [m for m in conv.text_encoder_loras if m.component == "text_encoder_1"]:
+        if m.component == "unet":
+            key = "model.diffusion_model." + L.unet_module_path(m.module_name, unet) + ".weight"
+            entry = real["diffuser"].get(key)
+        else:
+            key = "conditioner.embedders.0.transformer." + L.text_encoder_module_path(m.module_name) + ".weight"
+            entry = real["clip_l"].get(key)
+        assert entry is not None, key
+        assert tuple(entry["shape"]) == tuple(m.org_module.weight.shape), key
+        path = key.removeprefix("model.diffusion_model.").removeprefix("conditioner.embedders.0.transformer.")
+        prefix = "lora_unet_" if m.component == "unet" else "lora_te1_"
+        assert m.lora_name == prefix + path.removesuffix(".weight").replace(".", "_")
 
 
 # ------------------------------------------------------------------------------------------------ math

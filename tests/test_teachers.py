@@ -166,7 +166,10 @@ def test_single_teacher_without_lora_is_the_checkpoint():
     teacher = Teacher([make_expert(unet)])
     x, t, ctx, add = inputs([3, 4])
     assert teacher.mode == "single"
-    assert torch.equal(teacher.unet_forward(x, 7, ctx, add), plain(ref, x, torch.tensor([7, 7]), ctx, add))
+    expected = plain(ref, x, torch.tensor([7, 7]), ctx, add)
+    assert torch.equal(teacher.unet_forward(x, 7, ctx, add), expected)
+    kwargs = {"sample": x, "timestep": torch.tensor([7, 7]), "encoder_hidden_states": ctx, "added_cond_kwargs": add}
+    assert torch.equal(teacher.predict(kwargs), expected)  # distill's TeacherForward form
 
 
 def test_close_unhooks_the_base(loras):
@@ -214,3 +217,17 @@ def test_plain_unet_teacher_skips_text_encoder_parts_of_a_lora(loras, merged_une
     x, t, ctx, add = inputs([20, 600])
     torch.testing.assert_close(teacher.unet_forward(x, t, ctx, add), plain(merged_unets[0], x, t, ctx, add), **TOL)
     assert not teacher.experts[0].networks[0].text_encoder_loras
+
+
+def test_checkpoint_teacher_loads_once_and_hooks_lora(loras, merged_unets, tmp_path):
+    from sd_scripts_surge.models.io import save_single_file
+
+    path = save_single_file(tiny_bundle(), tmp_path / "teacher.safetensors")
+    specs = [TeacherSpec(path=str(path), loras=(LoRARef(loras[0]),), timestep_range=(0, 500)),
+             TeacherSpec(path=str(path), timestep_range=(500, 1000))]
+    teacher = build_teacher(specs)
+    assert teacher.experts[0].unet is teacher.experts[1].unet  # one checkpoint in memory
+    x, t, ctx, add = inputs([30, 800])
+    out = teacher.unet_forward(x, t, ctx, add)
+    torch.testing.assert_close(out[0], plain(merged_unets[0], x, t, ctx, add)[0], **TOL)
+    torch.testing.assert_close(out[1], plain(tiny_bundle().unet, x, t, ctx, add)[1], **TOL)
