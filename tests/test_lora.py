@@ -461,3 +461,18 @@ def test_network_args_in_metadata():
     meta = net.default_metadata()
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "0.5"}
     assert meta["ss_network_dim"] == "Dynamic"  # 4 for linear, 2 for 3x3 conv
+
+
+def test_low_precision_model_with_fp32_lora_keeps_model_dtype():
+    unet, tes = tiny_models()
+    net = L.create_network(1.0, 4, 2, None, tes, unet)
+    randomize(net)
+    net.apply_to(tes, unet)
+    inputs = unet_inputs()
+    ref = run_unet(unet, inputs)
+    unet.to(torch.bfloat16)  # the LoRA stays fp32: its math runs in fp32 and is cast back
+    latents, t, context, added = inputs
+    low = run_unet(unet, (latents.bfloat16(), t, context.bfloat16(), {k: v.bfloat16() for k, v in added.items()}))
+    assert low.dtype == torch.bfloat16
+    assert net.loras[0].lora_down.weight.dtype == torch.float32
+    assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
