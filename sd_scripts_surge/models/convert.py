@@ -453,19 +453,26 @@ IGNORED_LDM_KEYS = re.compile(
 def components_to_ldm(
     arch: str,
     components: Mapping[str, Mapping[str, Tensor]],
-    unet_config: Mapping[str, Any],
+    unet_config: Mapping[str, Any] | None,
+    *,
+    partial: bool = False,
 ) -> dict[str, Tensor]:
-    """{"unet", "vae", "text_encoder_1"[, "text_encoder_2"]: diffusers/HF state dict} -> one ldm state dict."""
+    """{"unet", "vae", "text_encoder_1"[, "text_encoder_2"]: diffusers/HF state dict} -> one ldm state dict.
+
+    With partial=True any subset of the components may be given (unet_config is needed only for the UNet).
+    """
     prefixes = COMPONENT_PREFIXES[arch]
     out: dict[str, Tensor] = {}
     converters = {
-        "unet": lambda sd: convert_unet_to_ldm(sd, unet_config),
+        "unet": lambda sd: convert_unet_to_ldm(sd, unet_config or {}),
         "vae": convert_vae_to_ldm,
         "text_encoder_1": convert_clip_l_to_ldm,
         "text_encoder_2": convert_open_clip_to_ldm,
     }
     for name, prefix in prefixes.items():
         if name not in components:
+            if partial:
+                continue
             raise KeyError(f"{arch} checkpoint needs component {name!r}")
         for k, v in converters[name](components[name]).items():
             out[prefix + k] = v

@@ -277,44 +277,12 @@ def _standard_shapes(arch: str, component: str) -> dict[str, tuple[int, ...]]:
         config = _component_configs(cfg.standard_configs(arch))[component]
         module = _empty_module(component, config)
         sd = {component: _canonical_state_dict(component, module)}
-        if component == "unet":
-            ldm = components_to_ldm_partial(arch, sd, config)
-        else:
-            ldm = components_to_ldm_partial(arch, sd, None)
+        ldm = components_to_ldm(arch, sd, config if component == "unet" else None, partial=True)
         _STANDARD_SHAPE_CACHE[key] = {k: tuple(v.shape) for k, v in ldm.items()}
     return _STANDARD_SHAPE_CACHE[key]
 
 
 _STANDARD_SHAPE_CACHE: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}
-
-# cheap signatures: a component can only be standard-size if these shapes match
-_SIGNATURES = {
-    "unet": ("input_blocks.0.0.weight", "time_embed.0.weight"),
-    "vae": ("encoder.conv_in.weight", "decoder.conv_out.weight"),
-    "text_encoder_1": ("text_model.embeddings.token_embedding.weight",),
-    "text_encoder_2": ("token_embedding.weight", "positional_embedding"),
-}
-
-
-def components_to_ldm_partial(
-    arch: str, components: Mapping[str, Mapping[str, Tensor]], unet_config: Mapping[str, Any] | None
-) -> dict[str, Tensor]:
-    """Like convert.components_to_ldm, for any subset of components."""
-    from sd_scripts_surge.models import convert
-
-    prefixes = COMPONENT_PREFIXES[arch]
-    out: dict[str, Tensor] = {}
-    for name, sd in components.items():
-        if name == "unet":
-            converted = convert.convert_unet_to_ldm(sd, unet_config or {})
-        elif name == "vae":
-            converted = convert.convert_vae_to_ldm(sd)
-        elif name == "text_encoder_1":
-            converted = convert.convert_clip_l_to_ldm(sd)
-        else:
-            converted = convert.convert_open_clip_to_ldm(sd)
-        out.update({prefixes[name] + k: v for k, v in converted.items()})
-    return out
 
 
 def _resolve_single_file_configs(
@@ -355,12 +323,12 @@ def _resolve_single_file_configs(
 
 
 def _looks_standard(arch: str, component: str, part: Shapes) -> bool:
-    sig_keys = _SIGNATURES[component]
-    std = {k[len(COMPONENT_PREFIXES[arch][component]) :]: v for k, v in _standard_shapes_sig(arch, component).items()}
-    if any(part.get(k) != std.get(k) for k in sig_keys):
-        return False
-    full = _standard_shapes(arch, component)
+    """True when a component's shapes (keys without prefix) are exactly those of the standard config."""
     prefix = COMPONENT_PREFIXES[arch][component]
+    signature = _standard_shapes_sig(arch, component)
+    if any(tuple(part.get(k[len(prefix) :], ())) != s for k, s in signature.items()):
+        return False  # cheap reject before building the standard model on the meta device
+    full = _standard_shapes(arch, component)
     return all(tuple(part.get(k[len(prefix) :], ())) == s for k, s in full.items())
 
 

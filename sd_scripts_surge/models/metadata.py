@@ -52,6 +52,7 @@ def build_modelspec(
     A full checkpoint in the original layout uses the Stability-AI implementation URL (as sd-scripts does);
     pass implementation="diffusers" for SD1 adapters in diffusers naming.
     """
+    architecture = modelspec_architecture(arch, adapter)
     timestamp = time.time() if timestamp is None else timestamp
     if resolution is None:
         resolution = DEFAULT_RESOLUTION[arch]
@@ -63,7 +64,7 @@ def build_modelspec(
         title = f"{'LoRA' if adapter == 'lora' else 'Checkpoint'}@{int(timestamp)}"
     meta = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": modelspec_architecture(arch, adapter),
+        "modelspec.architecture": architecture,
         "modelspec.implementation": implementation,
         "modelspec.title": title,
         "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
