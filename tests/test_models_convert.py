@@ -169,3 +169,6 @@ def test_real_size_layout_matches_official(arch: str) -> None:
     for name, sd in comps.items():
         assert {k: tuple(v.shape) for k, v in back[name].items()} == {k: tuple(v.shape) for k, v in sd.items()}
     assert detect_arch(official) == arch
+    # the name map LoRA / merge code uses covers exactly the official UNet keys
+    mapping = convert.unet_diffusers_to_ldm_map(unet_config, prefix=convert.UNET_PREFIX)
+    assert set(mapping.values()) == {k for k, e in official.items() if k.startswith(convert.UNET_PREFIX)}

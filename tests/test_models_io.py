@@ -406,3 +406,46 @@ def test_saving_never_overwrites_source_and_is_atomic(
     with pytest.raises(OSError, match="disk full"):
         io.save_diffusers(loaded, tmp_path / "folder")
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real-world file variants
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_v_prediction_flag_and_logit_scale_survive(saved_sdxl: tuple[ModelBundle, Path], tmp_path: Path) -> None:
+    _, path = saved_sdxl
+
+    def add(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        t["v_pred"] = torch.tensor([])  # how SDXL v-prediction checkpoints mark themselves
+        t["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6052)
+        return t
+
+    vpred = rewrite(path, tmp_path / "vpred.safetensors", add)
+    loaded = io.load_model(vpred)
+    assert loaded.metadata["modelspec.prediction_type"] == "v"
+    out = io.save_single_file(loaded, tmp_path / "out.safetensors")
+    header = read_safetensors_header(out)
+    assert header.metadata["modelspec.prediction_type"] == "v"
+    assert load_file(str(out))["conditioner.embedders.1.model.logit_scale"].item() == pytest.approx(4.6052)
+    folder = io.save_diffusers(loaded, tmp_path / "vpred_diffusers")
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    assert io.load_model(folder).metadata["modelspec.prediction_type"] == "v"
+
+
+def test_sharded_diffusers_component(tmp_path: Path) -> None:
+    bundle = tiny_sd1(seed=6)
+    folder = io.save_diffusers(bundle, tmp_path / "d")
+    unet_dir = folder / "unet"
+    tensors = load_file(str(unet_dir / "diffusion_pytorch_model.safetensors"))
+    (unet_dir / "diffusion_pytorch_model.safetensors").unlink()
+    keys = sorted(tensors)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}  # fmt: skip
+    for name, shard_keys in shards.items():
+        save_file({k: tensors[k] for k in shard_keys}, str(unet_dir / name))
+    weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}
+    index = {"metadata": {}, "weight_map": weight_map}
+    (unet_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    assert_same_weights(bundle, io.load_model(folder))
