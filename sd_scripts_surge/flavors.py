@@ -226,7 +226,26 @@ def build_or_load_flavors(directory: str | os.PathLike, teacher: nn.Module, unit
     Reuses shards when `key` matches the manifest and their checksums verify; otherwise (re)captures with a
     progress bar, printing a size estimate first (from a shape-only pass on the meta device; `estimate=False`
     skips it) and a time/size extrapolation from the first batch.
+
+    Under torch.distributed (a shared directory), rank 0 builds while the other ranks wait at a barrier and
+    then open the finished cache; call it on every rank.
     """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        rank = dist.get_rank()
+        if rank != 0:
+            dist.barrier()
+        store = _build_or_load(directory, teacher, unit_map, probes, key, batch_size, options, device, dtype,
+                               log if rank == 0 else (lambda *_: None), estimate and rank == 0)
+        if rank == 0:
+            dist.barrier()
+        return store
+    return _build_or_load(directory, teacher, unit_map, probes, key, batch_size, options, device, dtype, log,
+                          estimate)
+
+
+def _build_or_load(directory, teacher, unit_map, probes, key, batch_size, options, device, dtype, log,
+                   estimate) -> FlavorStore:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     options = options or CaptureOptions()

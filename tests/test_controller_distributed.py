@@ -85,3 +85,34 @@ def test_two_ranks_agree_on_multipliers():
     assert anchors == a0
     for unit, value in single.items():
         assert m0[unit] == pytest.approx(value, rel=1e-9)
+
+
+def cache_worker(rank: int, world: int, port: int, directory: str, results) -> None:
+    from surge_helpers import tiny_probes, tiny_teacher
+
+    from sd_scripts_surge.flavors import build_or_load_flavors, make_cache_key
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        teacher = tiny_teacher(0)
+        unit_map = mbw_unit_map(teacher)
+        probes = tiny_probes(num_conditions=1, timesteps=(300,), seeds=(0, 1))
+        calls = []
+        teacher.register_forward_pre_hook(lambda *a: calls.append(1))
+        key = make_cache_key(teacher, probes, unit_map, torch.float32, OPTIONS)
+        store = build_or_load_flavors(directory, teacher, unit_map, probes, key, batch_size=1, options=OPTIONS,
+                                      estimate=False, log=lambda *a: None)
+        results[rank] = (len(calls), store.load(1).units["OUT03"].output.sum().item())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # ~14 s: two spawned processes import torch and diffusers
+@pytest.mark.multiprocess
+def test_flavor_cache_is_built_once_under_ddp(tmp_path):
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(cache_worker, args=(2, free_port(), str(tmp_path), results), nprocs=2, join=True)
+    assert results[0][0] == 2 and results[1][0] == 0  # rank 0 captured both batches, rank 1 only read them
+    assert results[0][1] == results[1][1]
