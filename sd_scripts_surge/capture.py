@@ -50,6 +50,18 @@ class UnitFlavor:
     topk: torch.Tensor | None = None  # (B, k) channel indices, most active first
     time_s: float = float("nan")
     heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # attn module -> entropy/buckets
+    in_shape: tuple[int, ...] | None = None  # exact shapes before any pooling
+    out_shape: tuple[int, ...] | None = None
+
+    @property
+    def changes_shape(self) -> bool:
+        """True when the unit's input and output differ in shape (down/up-sampling, channels, skip concat)."""
+        return self.in_shape is None or self.in_shape != self.out_shape
+
+    def trajectory_pair(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(h_in, h_out) for the trajectory loss: h_in is None where the unit changes shape, judged on the exact
+        shapes (pooling to flavor_resolution can make a downsampler's input and output look alike)."""
+        return (None if self.changes_shape else self.input), self.output
 
 
 @dataclass
@@ -224,6 +236,8 @@ class UnitCapture:
                 topk=self._topk[spec.name],
                 time_s=self._times.get(spec.name, float("nan")),
                 heads={a: self._heads[a] for a in spec.attention if a in self._heads},
+                in_shape=self._shapes.get((spec.name, "in")),
+                out_shape=self._shapes.get((spec.name, "out")),
             )
         flavor = Flavor(units, dict(self._shared), self._model_output, self.options.pool_to)
         self._reset()
@@ -234,6 +248,7 @@ class UnitCapture:
         self._inputs: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
         self._topk: dict[str, torch.Tensor] = {}
+        self._shapes: dict[tuple[str, str], tuple[int, ...]] = {}
         self._sides: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         self._shared: dict[str, torch.Tensor] = {}
         self._starts: dict[str, float] = {}
@@ -295,6 +310,8 @@ class UnitCapture:
     def _act(self, actions: list, value_of) -> None:
         for action, name, point, side_name in actions:
             x = value_of(point)
+            if action in ("in", "out"):
+                self._shapes[(name, action)] = tuple(x.shape)
             if action == "in":
                 if self.options.record_inputs:
                     self._inputs[name] = self._keep(x)

@@ -111,6 +111,9 @@ def _named_tensors(flavor: Flavor) -> list[tuple[str, torch.Tensor]]:
         if f.topk is not None:
             put(f"unit/{unit}/topk", f.topk)
         put(f"unit/{unit}/time", torch.tensor([f.time_s], dtype=torch.float64))
+        for which, shape in (("in_shape", f.in_shape), ("out_shape", f.out_shape)):
+            if shape is not None:
+                put(f"unit/{unit}/{which}", torch.tensor(shape, dtype=torch.int64))
         for attn, stats in f.heads.items():
             for k, v in stats.items():
                 put(f"unit/{unit}/heads/{attn}/{k}", v)
@@ -157,6 +160,8 @@ def flavor_from_tensors(tensors: dict[str, torch.Tensor]) -> Flavor:
                 entry["heads"].setdefault(parts[3], {})[parts[4]] = t
             elif field_name == "time":
                 entry["time_s"] = float(t[0])
+            elif field_name in ("in_shape", "out_shape"):
+                entry[field_name] = tuple(int(v) for v in t.tolist())
             else:
                 entry[{"out": "output", "in": "input"}.get(field_name, field_name)] = t
     return Flavor({u: UnitFlavor(**e) for u, e in units.items()}, shared, model_output,

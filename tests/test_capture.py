@@ -138,6 +138,12 @@ def test_pooling_to_flavor_resolution(unet):
     assert flavor.units["conv_in"].output.shape == (2, 32, 2, 2)
     assert flavor.units["down_blocks.1.attentions.0.transformer_blocks.0"].output.shape == (2, 4, 64)
     assert flavor.shared["context"].shape == (2, 77, 64)  # shared side inputs are not spatial: never pooled
+    down = flavor.units["down_blocks.0.downsamplers.0"]
+    assert down.input.shape == down.output.shape == (2, 32, 2, 2)  # pooled alike …
+    assert down.in_shape == (2, 32, 8, 8) and down.out_shape == (2, 32, 4, 4)  # … the exact shapes are kept
+    assert down.changes_shape and down.trajectory_pair()[0] is None
+    block = flavor.units["down_blocks.1.attentions.0.transformer_blocks.0"]
+    assert not block.changes_shape and block.trajectory_pair()[0] is block.input
     torch.testing.assert_close(flavor.units["conv_in"].output.mean(dim=(2, 3)),
                                capture_flavor(unet, fine_unit_map(unet), tiny_kwargs())[1]
                                .units["conv_in"].output.mean(dim=(2, 3)))

@@ -132,6 +132,7 @@ def test_flavor_tensor_round_trip():
         g = back.units[name]
         assert torch.equal(f.output, g.output) and torch.equal(f.input, g.input) and torch.equal(f.topk, g.topk)
         assert f.time_s == g.time_s and set(f.side) == set(g.side) and set(f.heads) == set(g.heads)
+        assert f.in_shape == g.in_shape and f.out_shape == g.out_shape and f.in_shape is not None
     assert torch.equal(back.shared["temb"], flavor.shared["temb"])
     assert torch.equal(back.model_output, flavor.model_output)
 
