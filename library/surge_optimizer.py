@@ -1,0 +1,364 @@
+"""AdaSurge: Adafactor with per-parameter-group learning-rate scales ("surge scales"), DESIGN §4.
+
+Self-contained (torch + standard library only) so the file can be copied into an sd-scripts checkout's
+``library/`` folder and used from an unmodified ``sdxl_train.py``::
+
+    --optimizer_type library.surge_optimizer.AdaSurge --learning_rate 4e-7
+    --optimizer_args "shock_rate=5" "state_dtype='fp64'" "weight_decay=0.01"
+
+sd-scripts splits every ``--optimizer_args`` item at "=" and passes the right side through
+``ast.literal_eval`` with no fallback, so string values need quotes there (``state_dtype='fp64'``);
+``state_dtype=64`` works unquoted. Every option below has a literal type (bool, int, float, str, tuple, None).
+
+Adafactor core (Shazeer & Stern 2018, as in ``transformers.optimization.Adafactor``), per tensor with gradient g:
+
+* step t += 1; β2_t = 1 − t^decay_rate; v = g² + eps[0]
+* ≥2-D tensors (factored): R ← β2_t·R + (1−β2_t)·mean_last(v), C ← β2_t·C + (1−β2_t)·mean_second_last(v),
+  u = g · rsqrt(R / mean(R)) ⊗ rsqrt(C); 1-D tensors: V ← β2_t·V + (1−β2_t)·v, u = g · rsqrt(V)
+* u ← u / max(1, RMS(u)/clip_threshold)
+* step size α = ρ · (max(eps[1], RMS(w)) if scale_parameter else 1), where ρ = group lr, or with
+  relative_step ρ = min(1e-6·t if warmup_init else 1e-2, 1/√t) (then the lr argument is ignored)
+* with surge scale s (below): u ← α·s·u; with beta1: m ← β1·m + (1−β1)·u, u = m
+* w ← w − weight_decay·α·s·w; w ← w − u
+
+With every surge scale at 1.0 this is the reference Adafactor step for step (tests pin it).
+
+Surge scales. Every param group carries ``group["surge_scale"]``, the *target* scale (default 1.0; the surge
+controller or the user sets it at any time). The scale in force, ``group["surge_effective"]`` (starts at 1.0),
+moves toward the target once per ``step()``, before the update, by the rule (`advance_surge_scale`)::
+
+    a = 1 − (1 − smooth_rate) ** (1 / shock_rate)        # per-step rate
+    effective ← effective + a · (target − effective)      # Python floats, i.e. IEEE fp64
+
+so `shock_rate` steps at a fixed target compose to exactly one lerp of rate `smooth_rate`
+(gap × (1 − smooth_rate)); the scale never overshoots and reaches a constant target geometrically.
+A target equal to the effective scale leaves it bit-for-bit unchanged; smooth_rate = 1 jumps to the target.
+
+Standalone mode (no controller, e.g. plain sdxl_train.py; `standalone=None` = automatic: on unless a group
+has a "unit" key, the surge controller's grouping key). Each step measures every group's update-to-weight
+ratio r_g = RMS(α·u over the group, before momentum and surge) / max(eps[1], RMS(w over the group)); the
+next step's targets are (`standalone_targets`) target_g = clamp(r̄ / r_g, 1/shock_rate, shock_rate) with r̄ the
+geometric mean of the positive ratios: groups that move relatively slowly are pushed, fast ones held back.
+The target is written to ``group["surge_scale"]`` and the effective scale follows the rule above.
+
+Numerics: optimizer state in `state_dtype` (fp32 or fp64) and all math in that dtype; bf16/fp16 parameters
+are updated through an fp32/fp64 copy and written back with stochastic rounding for bf16 when
+`stochastic_rounding` (uses torch's global RNG), round-to-nearest otherwise. A gradient containing NaN/Inf
+skips that tensor for this step (weights and state untouched) and counts it in
+``group["skipped_tensors"]`` (sum: `optimizer.skipped_steps`). All of this lives in param groups and state,
+so ``state_dict()``/``load_state_dict()`` continue a run bit-identically (fp32/fp64 parameters).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+DEFAULT_SMOOTH_RATE = 0.5641895835  # 1/√π
+DEFAULT_SHOCK_RATE = 5
+
+_STATE_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32, "32": torch.float32,
+    "fp64": torch.float64, "float64": torch.float64, "double": torch.float64, "64": torch.float64,
+}
+
+
+def parse_state_dtype(value: Any) -> torch.dtype:
+    """'fp32'/'float32'/32 → torch.float32, 'fp64'/'float64'/'double'/64 → torch.float64 (or a torch dtype)."""
+    if value in (torch.float32, torch.float64):
+        return value
+    key = str(value).strip().strip("'\"").lower().replace("torch.", "")
+    if key not in _STATE_DTYPES:
+        raise ValueError(f"AdaSurge: state_dtype must be 'fp32' or 'fp64' (or 32/64), got {value!r}. "
+                         "From sd-scripts write --optimizer_args \"state_dtype='fp64'\" or \"state_dtype=64\".")
+    return _STATE_DTYPES[key]
+
+
+# ------------------------------------------------------------------------------------------ pure rules
+
+
+def surge_step_rate(smooth_rate: float, shock_rate: float) -> float:
+    """Per-step lerp rate a with (1 − a)^shock_rate = 1 − smooth_rate (fp64)."""
+    return 1.0 - (1.0 - float(smooth_rate)) ** (1.0 / float(shock_rate))
+
+
+def advance_surge_scale(effective: float, target: float, smooth_rate: float, shock_rate: float) -> float:
+    """One optimizer step of the effective scale toward its target: effective + a·(target − effective)."""
+    effective, target = float(effective), float(target)
+    if target == effective:
+        return effective
+    rate = surge_step_rate(smooth_rate, shock_rate)
+    return target if rate >= 1.0 else effective + rate * (target - effective)
+
+
+def standalone_targets(ratios: Sequence[float | None], shock_rate: float) -> list[float]:
+    """Targets clamp(r̄/r_g, 1/shock_rate, shock_rate), r̄ = geometric mean of the positive finite ratios.
+
+    A group with no measured ratio (None, 0, non-finite) gets 1.0.
+    """
+    valid = [r for r in ratios if r is not None and math.isfinite(r) and r > 0]
+    if not valid:
+        return [1.0 for _ in ratios]
+    # one group: r̄ = r exactly, so its target is exactly 1.0 (exp∘log would not round-trip)
+    ref = valid[0] if len(valid) == 1 else math.exp(math.fsum(math.log(r) for r in valid) / len(valid))
+    lo, hi = 1.0 / float(shock_rate), float(shock_rate)
+    return [min(max(ref / r, lo), hi) if (r is not None and math.isfinite(r) and r > 0) else 1.0 for r in ratios]
+
+
+def copy_stochastic_bf16(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Write fp32 `source` into bf16 `target`, rounding up or down with probability by distance."""
+    bits = source.to(torch.float32).contiguous().view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    rounded = (bits + noise).bitwise_and_(-65536)
+    target.copy_(rounded.view(torch.float32))
+
+
+def _rms(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.norm(2) / (tensor.numel() ** 0.5)
+
+
+def _nonfinite_flags(grads: list[torch.Tensor]) -> list[bool]:
+    """True where a gradient holds NaN/Inf; one host sync for all tensors (max-abs norm propagates NaN)."""
+    if not grads:
+        return []
+    try:
+        norms = torch._foreach_norm(grads, float("inf"))
+    except (AttributeError, RuntimeError):
+        norms = [torch.linalg.vector_norm(g, float("inf")) for g in grads]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, n in enumerate(norms):
+        by_device.setdefault(n.device, []).append(i)
+    flags = [False] * len(grads)
+    for idx in by_device.values():
+        bad = (~torch.isfinite(torch.stack([norms[i].float() for i in idx]))).tolist()
+        for i, b in zip(idx, bad):
+            flags[i] = bool(b)
+    return flags
+
+
+# ----------------------------------------------------------------------------------------- optimizer
+
+
+class AdaSurge(torch.optim.Optimizer):
+    """Adafactor + per-group surge scales (see module docstring for the exact rules).
+
+    Args (all literal-typed, so sd-scripts' ``--optimizer_args k=v`` can set them):
+        lr: step size ρ when relative_step is False (required then); ignored with relative_step.
+        eps: (eps on squared gradients, floor of the parameter RMS), default (1e-30, 1e-3).
+        clip_threshold: update clipping d (1.0). decay_rate: β2 exponent (−0.8). beta1: first moment or None.
+        weight_decay: decoupled, multiplied by the step size. scale_parameter / relative_step / warmup_init:
+            as in Adafactor; defaults False (kohya's recommended SDXL fine-tuning settings, lr is absolute).
+        surge_scale: initial target scale of every group (1.0). smooth_rate (0.5641895835) and shock_rate (5):
+            the lerp rule above; shock_rate also clamps standalone targets to [1/shock_rate, shock_rate].
+        standalone: True / False / None (auto: on unless a group has a "unit" key).
+        state_dtype: 'fp32' or 'fp64' (also 32/64). stochastic_rounding: for bf16 parameters.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = False,
+        relative_step: bool = False,
+        warmup_init: bool = False,
+        surge_scale: float = 1.0,
+        smooth_rate: float = DEFAULT_SMOOTH_RATE,
+        shock_rate: float = DEFAULT_SHOCK_RATE,
+        standalone: bool | None = None,
+        state_dtype: str | int = "fp32",
+        stochastic_rounding: bool = True,
+    ) -> None:
+        if warmup_init and not relative_step:
+            raise ValueError("AdaSurge: warmup_init=True requires relative_step=True")
+        if not relative_step and (lr is None or lr <= 0):
+            raise ValueError(f"AdaSurge: lr must be a positive number when relative_step=False (got {lr!r}); "
+                             "pass --learning_rate, or relative_step=True")
+        if float(shock_rate) < 1:
+            raise ValueError(f"AdaSurge: shock_rate must be ≥ 1 (got {shock_rate!r})")
+        if not 0 < float(smooth_rate) <= 1:
+            raise ValueError(f"AdaSurge: smooth_rate must be in (0, 1] (got {smooth_rate!r})")
+        if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
+            raise ValueError(f"AdaSurge: eps must be a pair like (1e-30, 1e-3) (got {eps!r})")
+        if beta1 is not None and not 0 <= float(beta1) < 1:
+            raise ValueError(f"AdaSurge: beta1 must be None or in [0, 1) (got {beta1!r})")
+        self.state_dtype = parse_state_dtype(state_dtype)
+        self.stochastic_rounding = bool(stochastic_rounding)
+        defaults = {
+            "lr": lr, "eps": tuple(float(e) for e in eps), "clip_threshold": float(clip_threshold),
+            "decay_rate": float(decay_rate), "beta1": None if beta1 is None else float(beta1),
+            "weight_decay": float(weight_decay), "scale_parameter": bool(scale_parameter),
+            "relative_step": bool(relative_step), "warmup_init": bool(warmup_init),
+            "surge_scale": float(surge_scale), "smooth_rate": float(smooth_rate), "shock_rate": float(shock_rate),
+            "surge_effective": 1.0, "surge_ratio": None, "skipped_tensors": 0,
+        }
+        super().__init__(params, defaults)
+        if standalone is None:
+            standalone = not any("unit" in g for g in self.param_groups)
+        self.standalone = bool(standalone)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Tensors whose update was skipped because their gradient held NaN/Inf (all groups, whole run)."""
+        return sum(int(g.get("skipped_tensors", 0)) for g in self.param_groups)
+
+    def effective_scales(self) -> list[float]:
+        """The surge scale in force per param group (what the last step used)."""
+        return [float(g["surge_effective"]) for g in self.param_groups]
+
+    @staticmethod
+    def _step_size(group: dict, step: int) -> float:
+        if group["relative_step"]:
+            min_step = 1e-6 * step if group["warmup_init"] else 1e-2
+            return min(min_step, 1.0 / math.sqrt(step))
+        return float(group["lr"])
+
+    def _init_state(self, state: dict, grad_shape: torch.Size, device: torch.device, group: dict) -> None:
+        dt = self.state_dtype
+        state["step"] = 0
+        if group["beta1"] is not None:
+            state["exp_avg"] = torch.zeros(grad_shape, dtype=dt, device=device)
+        if len(grad_shape) >= 2:
+            state["exp_avg_sq_row"] = torch.zeros(grad_shape[:-1], dtype=dt, device=device)
+            state["exp_avg_sq_col"] = torch.zeros(grad_shape[:-2] + grad_shape[-1:], dtype=dt, device=device)
+        else:
+            state["exp_avg_sq"] = torch.zeros(grad_shape, dtype=dt, device=device)
+
+    def _update_tensor(self, p: torch.Tensor, group: dict, scale: float, measure: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One Adafactor step of `p` with surge scale `scale`; with `measure`, (Σ(α·u)², Σw²) as fp64 tensors."""
+        dt = self.state_dtype
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError("AdaSurge does not support sparse gradients")
+        if grad.dtype != dt:
+            grad = grad.to(dt)
+        state = self.state[p]
+        if len(state) == 0:
+            self._init_state(state, grad.shape, grad.device, group)
+        state["step"] += 1
+        step = state["step"]
+        work = p if p.dtype == dt else p.to(dt)
+
+        eps1, eps2 = group["eps"]
+        rho = self._step_size(group, step)
+        w_rms = _rms(work) if (group["scale_parameter"] or measure) else None
+        alpha: torch.Tensor | float = rho * w_rms.clamp(min=eps2) if group["scale_parameter"] else rho
+
+        beta2t = 1.0 - math.pow(step, group["decay_rate"])
+        upd = torch.square(grad).add_(eps1)
+        if grad.dim() >= 2:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(beta2t).add_(upd.mean(dim=-1), alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(upd.mean(dim=-2), alpha=1.0 - beta2t)
+            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            c_factor = col.unsqueeze(-2).rsqrt()
+            torch.mul(r_factor, c_factor, out=upd)
+        else:
+            v = state["exp_avg_sq"]
+            v.mul_(beta2t).add_(upd, alpha=1.0 - beta2t)
+            torch.rsqrt(v, out=upd)
+        upd.mul_(grad)
+        u_rms = _rms(upd)
+        clip = (u_rms / group["clip_threshold"]).clamp_(min=1.0)
+        step_factor = alpha / clip  # α / max(1, RMS(u)/d), a 0-dim tensor
+        applied = step_factor * scale if scale != 1.0 else step_factor
+
+        if group["beta1"] is not None:
+            m = state["exp_avg"]
+            upd.mul_(applied)
+            m.mul_(group["beta1"]).add_(upd, alpha=1.0 - group["beta1"])
+            upd, applied = m, None
+        if group["weight_decay"] != 0:
+            decay = -group["weight_decay"] * alpha * scale
+            if torch.is_tensor(decay):
+                work.addcmul_(work, decay)
+            else:
+                work.add_(work, alpha=decay)
+        if applied is None:
+            work.sub_(upd)
+        else:
+            work.addcmul_(upd, -applied)
+
+        if work is not p:
+            if p.dtype == torch.bfloat16 and self.stochastic_rounding:
+                copy_stochastic_bf16(p, work)
+            else:
+                p.copy_(work)
+        if not measure:
+            return None
+        n = float(p.numel())
+        u_sq = (u_rms * step_factor).double().square() * n
+        w_sq = w_rms.double().square() * n
+        return u_sq, w_sq
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        if self.standalone:
+            targets = standalone_targets([g["surge_ratio"] for g in self.param_groups],
+                                         max(float(g["shock_rate"]) for g in self.param_groups))
+            for group, target in zip(self.param_groups, targets):
+                group["surge_scale"] = target
+
+        live = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        bad = dict(zip(map(id, live), _nonfinite_flags([p.grad for p in live])))
+
+        sums: list[tuple[dict, list[torch.Tensor], list[torch.Tensor], int]] = []
+        for group in self.param_groups:
+            scale = advance_surge_scale(group["surge_effective"], group["surge_scale"],
+                                        group["smooth_rate"], group["shock_rate"])
+            group["surge_effective"] = scale
+            u_parts: list[torch.Tensor] = []
+            w_parts: list[torch.Tensor] = []
+            count = 0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if bad[id(p)]:
+                    group["skipped_tensors"] = int(group["skipped_tensors"]) + 1
+                    continue
+                measured = self._update_tensor(p, group, scale, self.standalone)
+                if measured is not None:
+                    u_parts.append(measured[0].to(live[0].device))
+                    w_parts.append(measured[1].to(live[0].device))
+                    count += p.numel()
+            if self.standalone:
+                sums.append((group, u_parts, w_parts, count))
+
+        if self.standalone:
+            self._record_ratios(sums)
+        return loss
+
+    @staticmethod
+    def _record_ratios(sums: list[tuple[dict, list[torch.Tensor], list[torch.Tensor], int]]) -> None:
+        """Per group RMS(α·u)/max(eps2, RMS(w)) over all its updated tensors; one host sync."""
+        measured = [(g, u, w, n) for g, u, w, n in sums if u]
+        if not measured:
+            return
+        totals = torch.stack([torch.stack([torch.stack(u).sum(), torch.stack(w).sum()]) for _, u, w, _ in measured])
+        for (group, _, _, n), (u_sq, w_sq) in zip(measured, totals.tolist()):
+            u_rms, w_rms = math.sqrt(u_sq / n), math.sqrt(w_sq / n)
+            group["surge_ratio"] = u_rms / max(group["eps"][1], w_rms)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts loaded state to each parameter's dtype; restore it in `state_dtype` without a detour."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            for key, value in saved.get(i, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=self.state_dtype, copy=True)
