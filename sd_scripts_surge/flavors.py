@@ -271,9 +271,12 @@ def _build_or_load(directory, teacher, unit_map, probes, key, batch_size, option
             else:
                 log(f"flavor cache: shard {directory / entry['file']} is invalid ({problem}); recapturing it")
     elif old is not None:
-        log(f"flavor cache in {directory} was built for another teacher/probe set/unit map; rebuilding it")
+        log(f"flavor cache in {directory} was built for another teacher, LoRA set, probe set, unit map, dtype or "
+            "batch size; rebuilding it")
         for entry in old.get("shards", []):
-            (directory / entry["file"]).unlink(missing_ok=True)
+            name = str(entry.get("file", ""))
+            if name.startswith("shard-") and Path(name).name == name:  # only our own files, only in this folder
+                (directory / name).unlink(missing_ok=True)
 
     todo = [i for i, s in enumerate(shards) if s is None]
     manifest = {"format": FORMAT_VERSION, "key": asdict(key), "key_digest": digest, "units": unit_map.names,
