@@ -4,3 +4,9 @@ Entry points: ``merge_tools.engine.merge(recipe, output, options)``, ``merge_too
 ``merge_tools.recipe.single_method(name, inputs, params)``, ``merge_tools.methods.get(name)`` (pure tensor
 functions), and the ``sd-merge`` CLI (``merge_tools.cli.main``).
 """
+
+import os as _os
+
+# Large temporaries: 2 MiB pages make fresh allocations ~2x cheaper (fewer page faults). Read by torch's CPU
+# allocator; effective when merge_tools is imported before torch (the CLI), harmless otherwise.
+_os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

@@ -240,6 +240,7 @@ class KeyEvaluator:
         params_of: Callable[[Node], dict[str, Any]],
         seed: int,
         prefetched: dict[str, torch.Tensor] | None = None,
+        check_leaf: Callable[[ModelRef, torch.Tensor, torch.Tensor], None] | None = None,
     ):
         self.plan, self.root, self.read, self.dtype, self.params_of, self.seed = (
             plan,
@@ -250,6 +251,7 @@ class KeyEvaluator:
             seed,
         )
         self.prefetched = prefetched or {}
+        self.check_leaf = check_leaf
         self.memo: dict[int, torch.Tensor] = {}
         self.memo_ci: int | None = None
         self.stats: dict[int, Any] = {}
@@ -277,6 +279,8 @@ class KeyEvaluator:
             if raw is None:
                 raw = self.read(item, self.plan.key, s, e)
             out = raw.to(self.dtype)
+            if self.check_leaf is not None:
+                self.check_leaf(item, raw, out)
         else:
             spec = item.spec
             inputs = [self.value(i, ci) for i in item.inputs]
@@ -462,11 +466,15 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
         last_flush = time.time()
 
     def read(ref: ModelRef, key: str, s: int, e: int) -> torch.Tensor:
-        src = plans_by_key[key].sources[str(ref.path.resolve())]
-        raw = readers[src].read(key, s, e)
-        if opts.check_finite == "stream":
-            _check_finite(raw, readers[src], key)
-        return raw
+        return readers[plans_by_key[key].sources[str(ref.path.resolve())]].read(key, s, e)
+
+    def check_leaf(ref: ModelRef, raw: torch.Tensor, converted: torch.Tensor) -> None:
+        # one fp64 sum is finite iff every element is (no fp64 overflow from fp16/bf16/fp32 data);
+        # the exact element check runs only to word the error
+        if not math.isfinite(float(converted.sum())):
+            _check_finite(raw, readers[plans_by_key[key_now[0]].sources[str(ref.path.resolve())]], key_now[0])
+
+    key_now = [""]
 
     plans_by_key = {p.key: p for p in plans}
     todo = [p for p in plans if p.key not in done]
@@ -497,7 +505,17 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
                 writer.write_raw(p.key, readers[p.sources[""]].read(p.key).view(torch.uint8).numpy())
             else:
                 pre = current.result() if current is not None else None
-                ev = KeyEvaluator(p, root, read, compute, params_for(p.block), opts.seed, pre)
+                key_now[0] = p.key
+                ev = KeyEvaluator(
+                    p,
+                    root,
+                    read,
+                    compute,
+                    params_for(p.block),
+                    opts.seed,
+                    pre,
+                    check_leaf if opts.check_finite == "stream" else None,
+                )
                 ev.prepare()
                 out_dtype = DTYPES[opts.output_dtype]
                 for ci, (s, e) in enumerate(p.chunks):

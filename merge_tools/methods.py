@@ -21,6 +21,7 @@ Inputs are 1-D views (one chunk of the flattened tensor) in the compute dtype (f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -153,8 +154,10 @@ def get(name: str) -> MethodSpec:
 
 def _sum(tensors: Sequence[Tensor]) -> Tensor:
     """Σ in a fixed order (element-wise, so identical for any chunking)."""
-    acc = tensors[0].clone()
-    for t in tensors[1:]:
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    acc = tensors[0] + tensors[1]
+    for t in tensors[2:]:
         acc += t
     return acc
 
@@ -183,15 +186,17 @@ def uniform_for(ctx: ChunkContext, index: int, dtype: torch.dtype = torch.float6
     return out
 
 
-def gram_partials(vectors: Sequence[Tensor]) -> Tensor:
-    """Dot products <v_i, v_j> per REDUCE_BLOCK block: [blocks, N, N]. The chunk must start on a block."""
-    x = torch.stack(list(vectors))  # [N, n]
-    n_models, n = x.shape
+def gram_partials(fill: Callable[[Tensor], None], n_vectors: int, n: int, dtype: torch.dtype) -> Tensor:
+    """Dot products <v_i, v_j> per REDUCE_BLOCK block: [blocks, N, N]. The chunk must start on a block.
+
+    `fill(buf)` writes the N vectors into the rows of a zero-padded [N, n] view (no stacked copies).
+    """
     blocks = -(-n // REDUCE_BLOCK)
     padded_blocks = max(blocks, _GRAM_MIN_BATCH)
-    if padded_blocks * REDUCE_BLOCK != n:
-        x = torch.nn.functional.pad(x, (0, padded_blocks * REDUCE_BLOCK - n))
-    a = x.view(n_models, padded_blocks, REDUCE_BLOCK).transpose(0, 1)
+    x = torch.empty(n_vectors, padded_blocks * REDUCE_BLOCK, dtype=dtype)
+    x[:, n:] = 0
+    fill(x[:, :n])
+    a = x.view(n_vectors, padded_blocks, REDUCE_BLOCK).transpose(0, 1)
     return torch.bmm(a, a.transpose(1, 2))[:blocks]
 
 
@@ -202,10 +207,44 @@ def exact_total(partials: Sequence[Tensor]) -> np.ndarray:
     return np.array([math.fsum(col) for col in flat], dtype=np.float64).reshape(tuple(p.shape[1:]))
 
 
-def gram_matrix(source: ChunkSource, transform: Callable[[ChunkContext, list[Tensor]], list[Tensor]]) -> np.ndarray:
-    """Gram matrix G_ij = <v_i, v_j> of the vectors `transform(chunk inputs)`, exact over chunks."""
-    parts = [gram_partials(transform(ctx, xs)) for ctx, xs in source.chunks()]
+def gram_matrix(
+    source: ChunkSource, fill: Callable[[ChunkContext, list[Tensor], Tensor], None], n_vectors: int
+) -> np.ndarray:
+    """Gram matrix G_ij = <v_i, v_j>, exact over chunks; `fill(ctx, inputs, buf)` writes v_i into buf[i]."""
+    parts = []
+    for ctx, xs in source.chunks():
+        parts.append(gram_partials(functools.partial(fill, ctx, xs), n_vectors, ctx.stop - ctx.start, xs[0].dtype))
     return exact_total(parts)
+
+
+def _fill_deltas(ctx: ChunkContext, xs: list[Tensor], buf: Tensor) -> None:
+    for i, m in enumerate(xs[1:]):
+        torch.sub(m, xs[0], out=buf[i])
+
+
+def _fill_copy(ctx: ChunkContext, xs: list[Tensor], buf: Tensor) -> None:
+    for i, v in enumerate(xs):
+        buf[i].copy_(v)
+
+
+def _fill_filtered(
+    make: Callable[[list[Tensor], ChunkContext], list[Tensor]],
+) -> Callable[[ChunkContext, list[Tensor], Tensor], None]:
+    """Fill with the filtered deltas `make(inputs, ctx)`, centred on the first (the GM is translation-equivariant)."""
+
+    def fill(ctx: ChunkContext, xs: list[Tensor], buf: Tensor) -> None:
+        vs = make(xs, ctx)
+        buf[0] = 0
+        for i in range(1, len(vs)):
+            torch.sub(vs[i], vs[0], out=buf[i])
+
+    return fill
+
+
+def _fill_centred(ctx: ChunkContext, xs: list[Tensor], buf: Tensor) -> None:
+    buf[0] = 0
+    for i, m in enumerate(xs[1:], start=1):
+        torch.sub(m, xs[0], out=buf[i])
 
 
 def weiszfeld_weights(gram: np.ndarray, eps: float, maxiter: int, ftol: float) -> np.ndarray:
@@ -239,10 +278,12 @@ def weiszfeld_weights(gram: np.ndarray, eps: float, maxiter: int, ftol: float) -
 
 
 def _weighted_average(points: Sequence[Tensor], weights: np.ndarray) -> Tensor:
+    """Σ w_i p_i / Σ w_i, left to right (one scratch buffer, no per-model allocation)."""
     acc = points[0] * float(weights[0])
+    scratch = torch.empty_like(acc)
     for p, w in zip(points[1:], weights[1:]):
-        acc += p * float(w)
-    return acc / float(weights.sum())
+        acc += torch.mul(p, float(w), out=scratch)
+    return acc.div_(float(weights.sum()))
 
 
 def topk_threshold(values: np.ndarray, k: float) -> float:
@@ -257,22 +298,36 @@ def topk_threshold(values: np.ndarray, k: float) -> float:
     return float(values[m - 1])
 
 
-def _signed_filter(deltas: Sequence[Tensor], vote: str) -> tuple[list[Tensor], Tensor]:
+def _signed_filter(deltas: list[Tensor], vote: str) -> tuple[list[Tensor], Tensor]:
     """TIES elect: sign γ = sgn Σ τ_i (vote="mass") or sgn Σ sgn τ_i (vote="count"); keep τ_i agreeing with γ.
 
-    Returns the filtered deltas (disagreeing entries set to 0) and the count of agreeing non-zero entries.
+    Zeroes the disagreeing entries of the given (fresh) delta tensors in place; returns them and the count
+    of agreeing non-zero entries. τ·γ > 0 is exact (γ ∈ {−1, 0, 1}) and means: same sign as γ, non-zero.
     """
-    signs = [torch.sign(d) for d in deltas]
-    gamma = torch.sign(_sum(deltas if vote == "mass" else signs))
-    masks = [(s == gamma) & (s != 0) for s in signs]
-    filtered = [d * m for d, m in zip(deltas, masks)]
-    count = _sum([m.to(deltas[0].dtype) for m in masks])
-    return filtered, count
+    if vote == "mass":
+        gamma = _sum(deltas)
+    else:
+        gamma = torch.sign(deltas[0])
+        signs = torch.empty_like(gamma)
+        for d in deltas[1:]:
+            gamma += torch.sign(d, out=signs)
+    gamma.sign_()
+    scratch = torch.empty_like(gamma)
+    agree = torch.empty(gamma.shape, dtype=torch.bool)
+    count = torch.zeros_like(gamma)
+    for d in deltas:
+        torch.gt(torch.mul(d, gamma, out=scratch), 0, out=agree)
+        d.mul_(agree)
+        count.add_(agree)
+    return deltas, count
 
 
-def _disjoint_mean(deltas: Sequence[Tensor], vote: str) -> Tensor:
+def _disjoint_mean(deltas: list[Tensor], vote: str) -> Tensor:
     filtered, count = _signed_filter(deltas, vote)
-    return _sum(filtered) / count.clamp(min=1)
+    acc = filtered[0]  # fresh tensors: accumulate in place, same order as _sum
+    for f in filtered[1:]:
+        acc.add_(f)
+    return acc.div_(count.clamp_(min=1))
 
 
 def _dare_drop(deltas: Sequence[Tensor], ctx: ChunkContext, p: float) -> list[Tensor]:
@@ -327,7 +382,7 @@ _ROW = lambda p: frozenset({"row"})  # noqa: E731
 
 def _weighted_sum(x: list[Tensor], ctx: ChunkContext, stats: None, weights: Sequence[float] | None) -> Tensor:
     if weights is None:
-        return _sum(x) / len(x)
+        return _sum(x).div_(len(x))
     if len(weights) != len(x):
         raise ValueError(f"weighted_sum: {len(weights)} weights for {len(x)} models")
     acc = x[0] * float(weights[0])
@@ -349,7 +404,7 @@ register(
     MethodSpec(
         "soup",
         "uniform soup: Σ θ_i / N",
-        lambda x, ctx, s: _sum(x) / len(x),
+        lambda x, ctx, s: _sum(x).div_(len(x)),
         {},
         min_models=1,
     )
@@ -368,7 +423,7 @@ register(
     MethodSpec(
         "add_difference",
         "A + α·(B − C)",
-        lambda x, ctx, s, alpha: x[0] + (x[1] - x[2]) * alpha,
+        lambda x, ctx, s, alpha: (x[1] - x[2]).mul_(alpha).add_(x[0]),
         {"alpha": 1.0},
         inputs=3,
         strength="alpha",
@@ -378,7 +433,7 @@ register(
     MethodSpec(
         "task_arithmetic",
         "θ_base + λ·Σ τ_i",
-        lambda x, ctx, s, lam: x[0] + _sum(_deltas(x)) * lam,
+        lambda x, ctx, s, lam: _sum(_deltas(x)).mul_(lam).add_(x[0]),
         {"lam": 1.0},
         inputs="base+models",
         strength="lam",
@@ -392,9 +447,16 @@ def _ties_prepare(source: ChunkSource, ctx: ChunkContext, k: float, **_: Any) ->
         return None
     thresholds = []
     for i in range(1, source.n_inputs):
-        buf = np.empty(ctx.numel, dtype=np.float64)
+        buf: np.ndarray | None = None
         for c, (b, m) in source.chunks([0, i]):
-            buf[c.start : c.stop] = (m - b).abs().to(torch.float64).numpy()
+            d = torch.sub(m, b).abs_().to(torch.float64)
+            if c.start == 0 and c.stop == ctx.numel:  # one chunk: select in place, no copy
+                buf = d.numpy()
+                break
+            if buf is None:
+                buf = np.empty(ctx.numel, dtype=np.float64)
+            buf[c.start : c.stop] = d.numpy()
+        assert buf is not None
         thresholds.append(topk_threshold(buf, k))
     return thresholds
 
@@ -402,8 +464,11 @@ def _ties_prepare(source: ChunkSource, ctx: ChunkContext, k: float, **_: Any) ->
 def _ties_apply(x: list[Tensor], ctx: ChunkContext, thresholds: list[float] | None, k: float, lam: float) -> Tensor:
     deltas = _deltas(x)
     if thresholds is not None:
-        deltas = [d * (d.abs() >= t) for d, t in zip(deltas, thresholds)]
-    return x[0] + _disjoint_mean(deltas, "mass") * lam
+        magnitude = torch.empty_like(deltas[0])
+        below = torch.empty(deltas[0].shape, dtype=torch.bool)
+        for d, t in zip(deltas, thresholds):
+            d.masked_fill_(torch.lt(torch.abs(d, out=magnitude), t, out=below), 0.0)
+    return _disjoint_mean(deltas, "mass").mul_(lam).add_(x[0])
 
 
 register(
@@ -422,7 +487,7 @@ register(
     MethodSpec(
         "ties_soup",
         "θ_base + disjoint mean of τ_i agreeing with γ = sgn Σ sgn τ_i (k = 100%, λ = 1)",
-        lambda x, ctx, s: x[0] + _disjoint_mean(_deltas(x), "count"),
+        lambda x, ctx, s: _disjoint_mean(_deltas(x), "count").add_(x[0]),
         {},
         inputs="base+models",
     )
@@ -431,7 +496,7 @@ register(
     MethodSpec(
         "dare",
         "θ_base + λ·Σ DARE(τ_i): keep with prob 1−p, rescale 1/(1−p)",
-        lambda x, ctx, s, p, lam: x[0] + _sum(_dare_drop(_deltas(x), ctx, p)) * lam,
+        lambda x, ctx, s, p, lam: _sum(_dare_drop(_deltas(x), ctx, p)).mul_(lam).add_(x[0]),
         {"p": 0.1, "lam": 1.0},
         inputs="base+models",
         strength="lam",
@@ -442,7 +507,7 @@ register(
     MethodSpec(
         "tsd",
         "TIES-SOUP over DARE-dropped deltas, λ = 1−p",
-        lambda x, ctx, s, p: x[0] + _disjoint_mean(_dare_drop(_deltas(x), ctx, p), "count") * (1.0 - p),
+        lambda x, ctx, s, p: _disjoint_mean(_dare_drop(_deltas(x), ctx, p), "count").mul_(1.0 - p).add_(x[0]),
         {"p": 0.1},
         inputs="base+models",
         random=True,
@@ -452,7 +517,9 @@ register(
     MethodSpec(
         "della",
         "θ_base + λ·TIES elect/disjoint mean of DELLA-dropped τ_i (p_i by magnitude rank in the row)",
-        lambda x, ctx, s, p, eps, lam: x[0] + _disjoint_mean(_della_drop(_deltas(x), ctx, p, eps), "mass") * lam,
+        lambda x, ctx, s, p, eps, lam: (
+            _disjoint_mean(_della_drop(_deltas(x), ctx, p, eps), "mass").mul_(lam).add_(x[0])
+        ),
         {"p": 0.1, "eps": -0.1, "lam": 1.0},
         inputs="base+models",
         needs=_ROW,
@@ -465,7 +532,7 @@ register(
 def _model_stock_prepare(source: ChunkSource, ctx: ChunkContext, per_channel: bool, cos_eps: float) -> float | None:
     if per_channel and len(ctx.shape) >= 2:
         return None
-    return _model_stock_t(gram_matrix(source, lambda c, xs: _deltas(xs)), cos_eps)
+    return _model_stock_t(gram_matrix(source, _fill_deltas, source.n_inputs - 1), cos_eps)
 
 
 def _model_stock_apply(x: list[Tensor], ctx: ChunkContext, t: float | None, per_channel: bool, cos_eps: float):
@@ -503,12 +570,8 @@ register(
 _GM_PARAMS = {"eps": 1e-6, "maxiter": 100, "ftol": 1e-20}
 
 
-def _centred(vectors: list[Tensor]) -> list[Tensor]:
-    return [v - vectors[0] for v in vectors]
-
-
 def _gm_prepare(source: ChunkSource, ctx: ChunkContext, eps: float, maxiter: int, ftol: float) -> np.ndarray:
-    return weiszfeld_weights(gram_matrix(source, lambda c, xs: _centred(xs)), eps, maxiter, ftol)
+    return weiszfeld_weights(gram_matrix(source, _fill_centred, source.n_inputs), eps, maxiter, ftol)
 
 
 register(
@@ -528,14 +591,14 @@ def _tgmd_deltas(x: list[Tensor], ctx: ChunkContext) -> list[Tensor]:
 
 
 def _tgmd_prepare(source: ChunkSource, ctx: ChunkContext, eps: float, maxiter: int, ftol: float) -> np.ndarray:
-    return weiszfeld_weights(gram_matrix(source, lambda c, xs: _centred(_tgmd_deltas(xs, c))), eps, maxiter, ftol)
+    return weiszfeld_weights(gram_matrix(source, _fill_filtered(_tgmd_deltas), source.n_inputs - 1), eps, maxiter, ftol)
 
 
 register(
     MethodSpec(
         "tgmd",
         "θ_base + GM of TIES-SOUP sign-filtered τ_i (disagreeing entries as zeros)",
-        lambda x, ctx, w, **_: x[0] + _weighted_average(_tgmd_deltas(x, ctx), w),
+        lambda x, ctx, w, **_: _weighted_average(_tgmd_deltas(x, ctx), w).add_(x[0]),
         dict(_GM_PARAMS),
         inputs="base+models",
         prepare=_tgmd_prepare,
@@ -551,7 +614,8 @@ def _dgmla_deltas(x: list[Tensor], ctx: ChunkContext, p: float, della_eps: float
 def _dgmla_prepare(
     source: ChunkSource, ctx: ChunkContext, p: float, della_eps: float, eps: float, maxiter: int, ftol: float
 ) -> np.ndarray:
-    gram = gram_matrix(source, lambda c, xs: _centred(_dgmla_deltas(xs, c, p, della_eps)))
+    make = lambda xs, c: _dgmla_deltas(xs, c, p, della_eps)  # noqa: E731
+    gram = gram_matrix(source, _fill_filtered(make), source.n_inputs - 1)
     return weiszfeld_weights(gram, eps, maxiter, ftol)
 
 
@@ -559,7 +623,7 @@ register(
     MethodSpec(
         "dgmla",
         "TGMD over DELLA-dropped deltas (p = 0.1, ε = −0.1)",
-        lambda x, ctx, w, p, della_eps, **_: x[0] + _weighted_average(_dgmla_deltas(x, ctx, p, della_eps), w),
+        lambda x, ctx, w, p, della_eps, **_: _weighted_average(_dgmla_deltas(x, ctx, p, della_eps), w).add_(x[0]),
         {"p": 0.1, "della_eps": -0.1, **_GM_PARAMS},
         inputs="base+models",
         prepare=_dgmla_prepare,
@@ -570,7 +634,7 @@ register(
 
 
 def _slerp_prepare(source: ChunkSource, ctx: ChunkContext, t: float) -> tuple[float, float]:
-    g = gram_matrix(source, lambda c, xs: xs)
+    g = gram_matrix(source, _fill_copy, 2)
     na, nb = math.sqrt(max(g[0, 0], 0.0)), math.sqrt(max(g[1, 1], 0.0))
     if na == 0.0 or nb == 0.0:
         return 1.0, 0.0
