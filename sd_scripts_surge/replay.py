@@ -91,7 +91,8 @@ def _chain_input(spec: UnitSpec, previous: torch.Tensor, teacher: Flavor) -> tor
 
 
 def _side(spec: UnitSpec, teacher: Flavor, chain_residual: dict[str, torch.Tensor], like: torch.Tensor) -> dict:
-    side = {k: v.to(like.device) for k, v in teacher.units[spec.name].side.items()}
+    side = {k: v.to(like.device, like.dtype) if v.is_floating_point() else v.to(like.device)
+            for k, v in teacher.units[spec.name].side.items()}
     if spec.kind == "attn_out" and spec.output_at.module in chain_residual:
         side["residual"] = chain_residual[spec.output_at.module]
     return side
