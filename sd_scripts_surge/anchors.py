@@ -175,6 +175,7 @@ class ZoneRules:
     slow_cv: float = 0.5
     slow_min_ratio: float = 0.1
     slow_time_ratio: float | None = 2.0  # None: ignore timing (e.g. in reproducibility tests)
+    min_difference: float = 1e-6  # excess below this (float noise) never makes a unit high-difference
 
 
 @dataclass
@@ -188,7 +189,8 @@ def find_zones(stats: UnitStats, rules: ZoneRules | None = None) -> Zones:
     """Anchors, high-difference and slow zones from seed-resolved statistics (see module docstring)."""
     rules = rules or ZoneRules()
     seeds_seen = ~torch.isnan(stats.d[0]) if stats.d.numel() else torch.zeros(0, dtype=torch.bool)
-    d = stats.d[:, seeds_seen]
+    if not bool(seeds_seen.any()):
+        return Zones()  # no probes at all: no evidence for any zone
     cos = stats.cos[:, seeds_seen]
     jac = stats.jaccard[:, seeds_seen]
     excess = stats.excess[:, seeds_seen]
@@ -200,7 +202,8 @@ def find_zones(stats: UnitStats, rules: ZoneRules | None = None) -> Zones:
     for i, unit in enumerate(stats.units):
         if bool((cos[i] >= rules.anchor_cos).all()) and bool((jac[i] >= rules.anchor_jaccard).all()):
             zones.anchors.append(unit)
-        if d.shape[1] > 0 and bool((excess[i] >= rules.high_ratio * excess_seed_mean).all()):
+        threshold = torch.clamp(rules.high_ratio * excess_seed_mean, min=rules.min_difference)
+        if bool((excess[i] >= threshold).all()):
             zones.high_difference.append(unit)
         inconsistent = bool(cv[i] >= rules.slow_cv) and bool(unit_mean[i] >= rules.slow_min_ratio * overall)
         slow_time = False

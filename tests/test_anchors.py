@@ -13,6 +13,7 @@ from sd_scripts_surge.anchors import (
     UnitStats,
     UnitStatsAccumulator,
     ZoneRules,
+    Zones,
     cosine_similarity,
     find_zones,
     jaccard,
@@ -125,3 +126,12 @@ def test_zone_rules_on_synthetic_stats():
     assert zones.slow == ["u1", "u3"]  # u1: inconsistent across seeds; u3: time share 0.7 vs 0.25
     tiny_unit = synthetic(d=[[0.1, 0.1]] * 4, time_t=[0.1, 0.3, 0.3, 0.3], time_s=[0.5, 0.2, 0.2, 0.1])
     assert find_zones(tiny_unit, ZoneRules(slow_time_ratio=2.0)).slow == []  # 0.1 < half an even share
+
+
+def test_no_evidence_no_zones():
+    identical = synthetic(d=[[0.0, 0.0], [1e-12, 1e-12], [0.0, 0.0]])
+    zones = find_zones(identical, RULES)
+    assert zones.high_difference == [] and zones.slow == []  # float noise is not a difference
+    assert zones.anchors == ["u0", "u1", "u2"]
+    unseen = synthetic(d=[[float("nan")], [float("nan")]], cos=[[float("nan")], [float("nan")]])
+    assert find_zones(unseen, RULES) == Zones()
