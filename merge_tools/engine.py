@@ -252,12 +252,12 @@ class KeyEvaluator:
         )
         self.prefetched = prefetched or {}
         self.check_leaf = check_leaf
-        self.memo: dict[int, torch.Tensor] = {}
+        self.memo: dict[tuple[int, bool], torch.Tensor] = {}
         self.memo_ci: int | None = None
         self.stats: dict[int, Any] = {}
 
     def ctx(self, start: int, stop: int) -> methods.ChunkContext:
-        return methods.ChunkContext(self.plan.key, self.plan.shape, start, stop, self.seed)
+        return methods.ChunkContext(self.plan.key, self.plan.shape, start, stop, self.seed, self.dtype)
 
     def prepare(self) -> None:
         for node in reversed(self.root.nodes()):  # children before parents
@@ -265,26 +265,35 @@ class KeyEvaluator:
                 ctx = self.ctx(0, self.plan.numel)
                 self.stats[id(node)] = node.spec.prepare(_NodeSource(self, node), ctx, **self.params_of(node))
 
-    def value(self, item: Node | ModelRef, ci: int) -> torch.Tensor:
+    def value(self, item: Node | ModelRef, ci: int, stored: bool = False) -> torch.Tensor:
+        """Chunk `ci` of a node's output, or of a model tensor (in its stored dtype when `stored`)."""
         if ci != self.memo_ci:
             self.memo.clear()
             self.memo_ci = ci
-        key = id(item)
+        key = (id(item), stored and isinstance(item, ModelRef))
         if key in self.memo:
             return self.memo[key]
         s, e = self.plan.chunks[ci]
         if isinstance(item, ModelRef):
-            path = str(item.path.resolve())
-            raw = self.prefetched.pop(path, None) if ci == 0 else None
-            if raw is None:
-                raw = self.read(item, self.plan.key, s, e)
-            out = raw.to(self.dtype)
-            if self.check_leaf is not None:
-                self.check_leaf(item, raw, out)
+            if stored:
+                raw = self.prefetched.pop(str(item.path.resolve()), None) if ci == 0 else None
+                out = raw if raw is not None else self.read(item, self.plan.key, s, e)
+            else:
+                raw = self.value(item, ci, stored=True)
+                out = raw.to(self.dtype)
+                if self.check_leaf is not None:
+                    self.check_leaf(item, raw, out)
         else:
             spec = item.spec
-            inputs = [self.value(i, ci) for i in item.inputs]
+            inputs = [self.value(i, ci, stored=spec.linear) for i in item.inputs]
             out = spec.apply(inputs, self.ctx(s, e), self.stats.get(id(item)), **self.params_of(item))
+            if spec.linear and self.check_leaf is not None and not math.isfinite(float(out.sum())):
+                for i, x in zip(item.inputs, inputs):
+                    if isinstance(i, ModelRef):
+                        self.check_leaf(i, x, x)
+                raise CheckpointError(
+                    f"{item.method} produced NaN/Inf in tensor {self.plan.key!r} (an overflow?); check its inputs"
+                )
         self.memo[key] = out
         return out
 
@@ -471,7 +480,7 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
     def check_leaf(ref: ModelRef, raw: torch.Tensor, converted: torch.Tensor) -> None:
         # one fp64 sum is finite iff every element is (no fp64 overflow from fp16/bf16/fp32 data);
         # the exact element check runs only to word the error
-        if not math.isfinite(float(converted.sum())):
+        if not math.isfinite(float(converted.sum(dtype=torch.float64))):
             _check_finite(raw, readers[plans_by_key[key_now[0]].sources[str(ref.path.resolve())]], key_now[0])
 
     key_now = [""]

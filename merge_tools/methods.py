@@ -46,6 +46,7 @@ class ChunkContext:
     start: int
     stop: int
     seed: int = 0
+    dtype: torch.dtype = torch.float64  # compute dtype (inputs of `linear` methods may arrive in their stored dtype)
 
     @property
     def numel(self) -> int:
@@ -91,6 +92,9 @@ class MethodSpec:
     strength: str | None = None
     min_models: int = 1
     random: bool = False
+    # linear: apply() promotes its inputs itself (the engine may pass leaves in their stored dtype), and the
+    # output is finite exactly when every input is (so the NaN/Inf check can look at the output only)
+    linear: bool = False
 
     def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(given) - set(self.params))
@@ -118,7 +122,8 @@ class MethodSpec:
         p = self.resolve_params(params)
         shape = tuple(inputs[0].shape)
         flat = [t.reshape(-1) for t in inputs]
-        ctx = ChunkContext(key, shape, 0, flat[0].numel(), seed)
+        dtype = flat[0].dtype if flat[0].is_floating_point() else torch.float64
+        ctx = ChunkContext(key, shape, 0, flat[0].numel(), seed, dtype)
         stats = self.prepare(_WholeSource(ctx, flat), ctx, **p) if self.prepare else None
         return self.apply(flat, ctx, stats, **p).reshape(shape)
 
@@ -159,6 +164,14 @@ def _sum(tensors: Sequence[Tensor]) -> Tensor:
     acc = tensors[0] + tensors[1]
     for t in tensors[2:]:
         acc += t
+    return acc
+
+
+def _promoted_sum(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """Σ in `dtype` of tensors that may be stored in a narrower dtype (promotion inside the in-place add)."""
+    acc = tensors[0].to(dtype, copy=True)
+    for t in tensors[1:]:
+        acc.add_(t)
     return acc
 
 
@@ -404,9 +417,10 @@ register(
     MethodSpec(
         "soup",
         "uniform soup: Σ θ_i / N",
-        lambda x, ctx, s: _sum(x).div_(len(x)),
+        lambda x, ctx, s: _promoted_sum(x, ctx.dtype).div_(len(x)),
         {},
         min_models=1,
+        linear=True,
     )
 )
 register(
@@ -423,10 +437,11 @@ register(
     MethodSpec(
         "add_difference",
         "A + α·(B − C)",
-        lambda x, ctx, s, alpha: (x[1] - x[2]).mul_(alpha).add_(x[0]),
+        lambda x, ctx, s, alpha: x[1].to(ctx.dtype, copy=True).sub_(x[2]).mul_(alpha).add_(x[0]),
         {"alpha": 1.0},
         inputs=3,
         strength="alpha",
+        linear=True,
     )
 )
 register(
