@@ -165,7 +165,7 @@ def feature_kd_loss(student: Flavor, teacher: Flavor) -> torch.Tensor:
 
 
 def _pairs(flavor: Flavor) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
-    return {name: (unit.input, unit.output) for name, unit in flavor.units.items()}
+    return {name: unit.trajectory_pair() for name, unit in flavor.units.items()}
 
 
 # ------------------------------------------------------------------------------------------ epoch update
