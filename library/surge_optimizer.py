@@ -94,18 +94,20 @@ def advance_surge_scale(effective: float, target: float, smooth_rate: float, sho
     return target if rate >= 1.0 else effective + rate * (target - effective)
 
 
-def standalone_targets(ratios: Sequence[float | None], shock_rate: float) -> list[float]:
-    """Targets clamp(r̄/r_g, 1/shock_rate, shock_rate), r̄ = geometric mean of the positive finite ratios.
+def standalone_targets(ratios: Sequence[float | None], shock_rate: float | Sequence[float]) -> list[float]:
+    """Targets clamp(r̄/r_g, 1/k_g, k_g), r̄ = geometric mean of the positive finite ratios, k_g = shock rate.
 
-    A group with no measured ratio (None, 0, non-finite) gets 1.0.
+    `shock_rate` is one value for all groups or one per group. A group with no measured ratio (None, 0,
+    non-finite) gets 1.0.
     """
+    shocks = [float(k) for k in shock_rate] if isinstance(shock_rate, Sequence) else [float(shock_rate)] * len(ratios)
     valid = [r for r in ratios if r is not None and math.isfinite(r) and r > 0]
     if not valid:
         return [1.0 for _ in ratios]
     # one group: r̄ = r exactly, so its target is exactly 1.0 (exp∘log would not round-trip)
     ref = valid[0] if len(valid) == 1 else math.exp(math.fsum(math.log(r) for r in valid) / len(valid))
-    lo, hi = 1.0 / float(shock_rate), float(shock_rate)
-    return [min(max(ref / r, lo), hi) if (r is not None and math.isfinite(r) and r > 0) else 1.0 for r in ratios]
+    return [min(max(ref / r, 1.0 / k), k) if (r is not None and math.isfinite(r) and r > 0) else 1.0
+            for r, k in zip(ratios, shocks)]
 
 
 def copy_stochastic_bf16(target: torch.Tensor, source: torch.Tensor) -> None:
@@ -308,7 +310,7 @@ class AdaSurge(torch.optim.Optimizer):
 
         if self.standalone:
             targets = standalone_targets([g["surge_ratio"] for g in self.param_groups],
-                                         max(float(g["shock_rate"]) for g in self.param_groups))
+                                         [g["shock_rate"] for g in self.param_groups])
             for group, target in zip(self.param_groups, targets):
                 group["surge_scale"] = target
 

@@ -152,6 +152,7 @@ def test_standalone_targets_formula():
     assert out[3] == pytest.approx(max(ref / 1.0, 0.2))
     assert standalone_targets([0.3], 5) == [1.0]
     assert standalone_targets([None, 0.0], 5) == [1.0, 1.0]
+    assert standalone_targets([0.01, 1.0], [2, 50]) == pytest.approx([2.0, 0.1])  # per-group shock rates
 
 
 def test_standalone_mode_sets_targets_from_update_to_weight_ratios():
