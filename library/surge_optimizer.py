@@ -41,7 +41,8 @@ next step's targets are (`standalone_targets`) target_g = clamp(r̄ / r_g, 1/sho
 geometric mean of the positive ratios: groups that move relatively slowly are pushed, fast ones held back.
 The target is written to ``group["surge_scale"]`` and the effective scale follows the rule above.
 
-Numerics: optimizer state in `state_dtype` (fp32 or fp64) and all math in that dtype; bf16/fp16 parameters
+Numerics: optimizer state in `state_dtype` (fp32 or fp64; fp64 parameters always get fp64) and all math in
+that dtype; bf16/fp16 parameters
 are updated through an fp32/fp64 copy and written back with stochastic rounding for bf16 when
 `stochastic_rounding` (uses torch's global RNG), round-to-nearest otherwise. A gradient containing NaN/Inf
 skips that tensor for this step (weights and state untouched) and counts it in
@@ -222,8 +223,12 @@ class AdaSurge(torch.optim.Optimizer):
             return min(min_step, 1.0 / math.sqrt(step))
         return float(group["lr"])
 
-    def _init_state(self, state: dict, grad_shape: torch.Size, device: torch.device, group: dict) -> None:
-        dt = self.state_dtype
+    def _dtype_for(self, p: torch.Tensor) -> torch.dtype:
+        """Math and state dtype of `p`: `state_dtype`, but never below an fp64 parameter's own precision."""
+        return torch.float64 if p.dtype == torch.float64 else self.state_dtype
+
+    def _init_state(self, state: dict, grad_shape: torch.Size, device: torch.device, group: dict,
+                    dt: torch.dtype) -> None:
         state["step"] = 0
         if group["beta1"] is not None:
             state["exp_avg"] = torch.zeros(grad_shape, dtype=dt, device=device)
@@ -236,7 +241,7 @@ class AdaSurge(torch.optim.Optimizer):
     def _update_tensor(self, p: torch.Tensor, group: dict, scale: float, measure: bool
                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One Adafactor step of `p` with surge scale `scale`; with `measure`, (Σ(α·u)², Σw²) as fp64 tensors."""
-        dt = self.state_dtype
+        dt = self._dtype_for(p)
         grad = p.grad
         if grad.is_sparse:
             raise RuntimeError("AdaSurge does not support sparse gradients")
@@ -244,7 +249,7 @@ class AdaSurge(torch.optim.Optimizer):
             grad = grad.to(dt)
         state = self.state[p]
         if len(state) == 0:
-            self._init_state(state, grad.shape, grad.device, group)
+            self._init_state(state, grad.shape, grad.device, group, dt)
         state["step"] += 1
         step = state["step"]
         work = p if p.dtype == dt else p.to(dt)
@@ -363,4 +368,4 @@ class AdaSurge(torch.optim.Optimizer):
         for i, p in zip(saved_ids, params):
             for key, value in saved.get(i, {}).items():
                 if torch.is_tensor(value) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=self.state_dtype, copy=True)
+                    self.state[p][key] = value.to(device=p.device, dtype=self._dtype_for(p), copy=True)

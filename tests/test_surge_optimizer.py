@@ -75,10 +75,11 @@ def test_equals_transformers_adafactor_when_scales_are_one(relative_step, scale_
     assert ours.effective_scales() == [1.0]
 
 
-def test_fp64_state_and_params_match_reference_in_fp64():
+@pytest.mark.parametrize("state_dtype", ["fp64", "fp32"])  # fp64 parameters always get fp64 state
+def test_fp64_state_and_params_match_reference_in_fp64(state_dtype):
     ref_params, our_params = make_params(torch.float64), make_params(torch.float64)
     ref = Adafactor(ref_params, lr=1e-2, relative_step=False, scale_parameter=True, beta1=0.9)
-    ours = AdaSurge(our_params, lr=1e-2, scale_parameter=True, beta1=0.9, state_dtype="fp64", standalone=False)
+    ours = AdaSurge(our_params, lr=1e-2, scale_parameter=True, beta1=0.9, state_dtype=state_dtype, standalone=False)
     run(ref, ref_params, range(50))
     run(ours, our_params, range(50))
     for a, b in zip(our_params, ref_params):
