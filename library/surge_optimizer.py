@@ -43,8 +43,8 @@ The target is written to ``group["surge_scale"]`` and the effective scale follow
 
 Numerics: optimizer state in `state_dtype` (fp32 or fp64; fp64 parameters always get fp64) and all math in
 that dtype; bf16/fp16 parameters
-are updated through an fp32/fp64 copy and written back with stochastic rounding for bf16 when
-`stochastic_rounding` (uses torch's global RNG), round-to-nearest otherwise. A gradient containing NaN/Inf
+are updated through an fp32/fp64 copy and written back with stochastic rounding when `stochastic_rounding`
+(default; uses torch's global RNG), round-to-nearest otherwise. A gradient containing NaN/Inf
 skips that tensor for this step (weights and state untouched) and counts it in
 ``group["skipped_tensors"]`` (sum: `optimizer.skipped_steps`). All of this lives in param groups and state,
 so ``state_dict()``/``load_state_dict()`` continue a run bit-identically (fp32/fp64 parameters).
@@ -119,6 +119,18 @@ def copy_stochastic_bf16(target: torch.Tensor, source: torch.Tensor) -> None:
     target.copy_(rounded.view(torch.float32))
 
 
+def copy_stochastic_fp16(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Write `source` into fp16 `target`, taking the upper neighbour with probability by distance."""
+    src = source.to(torch.float32)
+    nearest = src.to(torch.float16)
+    toward = torch.where(nearest.float() > src, -torch.inf, torch.inf).to(torch.float16)
+    other = torch.nextafter(nearest, toward)
+    near32, other32 = nearest.float(), other.float()
+    gap = other32 - near32
+    p_other = torch.where(torch.isfinite(gap) & (gap != 0), (src - near32) / gap, torch.zeros_like(src))
+    target.copy_(torch.where(torch.rand_like(src) < p_other, other, nearest))
+
+
 def _rms(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.norm(2) / (tensor.numel() ** 0.5)
 
@@ -157,7 +169,7 @@ class AdaSurge(torch.optim.Optimizer):
         surge_scale: initial target scale of every group (1.0). smooth_rate (0.5641895835) and shock_rate (5):
             the lerp rule above; shock_rate also clamps standalone targets to [1/shock_rate, shock_rate].
         standalone: True / False / None (auto: on unless a group has a "unit" key).
-        state_dtype: 'fp32' or 'fp64' (also 32/64). stochastic_rounding: for bf16 parameters.
+        state_dtype: 'fp32' or 'fp64' (also 32/64). stochastic_rounding: for bf16/fp16 parameters.
     """
 
     def __init__(
@@ -297,6 +309,8 @@ class AdaSurge(torch.optim.Optimizer):
         if work is not p:
             if p.dtype == torch.bfloat16 and self.stochastic_rounding:
                 copy_stochastic_bf16(p, work)
+            elif p.dtype == torch.float16 and self.stochastic_rounding:
+                copy_stochastic_fp16(p, work)
             else:
                 p.copy_(work)
         if not measure:

@@ -13,6 +13,7 @@ from library.surge_optimizer import (
     AdaSurge,
     advance_surge_scale,
     copy_stochastic_bf16,
+    copy_stochastic_fp16,
     parse_state_dtype,
     standalone_targets,
     surge_step_rate,
@@ -271,3 +272,26 @@ def test_parse_state_dtype_and_errors():
         AdaSurge(make_params())
     with pytest.raises(ValueError, match="shock_rate"):
         AdaSurge(make_params(), lr=1e-3, shock_rate=0.5)
+
+
+def test_fp16_stochastic_rounding_is_unbiased_and_exact_on_representable_values():
+    torch.manual_seed(1)
+    x = torch.full((20000,), -(3.0 + 0.3 * 2 ** -9), dtype=torch.float32)  # 0.3 of an fp16 ulp (2^-9 at 2..4)
+    out = torch.empty_like(x, dtype=torch.float16)
+    copy_stochastic_fp16(out, x)
+    assert set(out.float().unique().tolist()) == {-3.0, -(3.0 + 2 ** -9)}
+    assert float(out.float().mean()) == pytest.approx(float(x[0]), abs=3e-5)
+    exact = torch.tensor([1.5, -2.0, 0.0, 65504.0])
+    copy_stochastic_fp16(out[:4], exact)
+    assert torch.equal(out[:4].float(), exact)
+
+
+def test_half_params_train_with_stochastic_rounding():
+    torch.manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        params = make_params(dtype)
+        opt = AdaSurge(params, lr=1e-2, beta1=0.9, standalone=False)
+        start = [p.detach().clone() for p in params]
+        run(opt, params, range(5))
+        assert all(p.dtype == dtype and not torch.equal(p, s) for p, s in zip(params, start))
+        assert all(torch.isfinite(p).all() for p in params)
