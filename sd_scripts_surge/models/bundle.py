@@ -30,7 +30,7 @@ class ModelBundle:
             out["text_encoder_2"] = self.text_encoder_2
         return out
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "ModelBundle":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ModelBundle:
         for m in self.modules().values():
             m.to(device=device, dtype=dtype)
         return self

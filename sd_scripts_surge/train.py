@@ -1,0 +1,220 @@
+"""Surge training for SDXL: `accelerate launch train_surge_sdxl.py --config_file cfg.toml`.
+
+Read top to bottom, this file is the algorithm (DESIGN §3):
+  set up (models, teacher, data, unit map, optimizer with one param group per unit, controller)
+  → teacher flavors on the probes (cached on disk, built once)
+  → every epoch: student capture → anchors/zones → controller update → unit replay
+  → batches: loss = task + output KD + trajectory, per-unit LRs, optimizer step
+  → save checkpoints/state, samples, report.
+With `--surge false` the same loop is a plain kohya-style fine-tune (task loss, no teacher).
+The pieces live in their own modules; `trainer_parts.py` builds them from the config.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, broadcast, set_seed
+from tqdm import tqdm
+
+from . import trainer_parts as parts
+from .config import TrainConfig, parse_train_args
+from .distill import noise_batch, surge_epoch_update
+from .report import EpochRecord, write_report
+from .train_state import PROGRESS_MARKER, TrainProgress, find_resume_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_train_args(argv))
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run a training job; returns the path of the final model (checkpoint or LoRA file)."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=cfg.log_with,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.logging_dir),
+    )
+    log = accelerator.print
+    set_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # ----- set up
+    with accelerator.main_process_first():  # the tiny kit and latent caches are built once
+        sources = parts.resolve_sources(cfg, log)
+        student = parts.load_student(cfg, sources)
+        data = parts.build_data(cfg, sources, student, accelerator, log)
+    trainable = parts.make_trainable(cfg, student, log)
+    unit_map = parts.unit_map_for(cfg, student.unet)
+    groups = parts.param_groups(cfg, trainable, unit_map)
+    steps_per_epoch = math.ceil(len(data.sampler.rank_batches()) / cfg.gradient_accumulation_steps)
+    total_steps = parts.total_steps(cfg, steps_per_epoch)
+    optimizer = parts.build_optimizer(cfg, groups)
+    scheduler = parts.build_scheduler(cfg, optimizer, total_steps, accelerator.num_processes)
+    controller = parts.build_controller(cfg, unit_map)
+    alphas_cumprod = parts.noise_schedule(student)
+    log(f"training {trainable.description}: {sum(p.numel() for g in groups for p in g['params']):,} parameters "
+        f"in {len(groups)} groups; {steps_per_epoch} steps/epoch, {total_steps} optimizer steps")
+
+    surge = None
+    if cfg.surge.enabled:
+        with accelerator.main_process_first():
+            surge = parts.build_surge(cfg, sources, student, unit_map, data, alphas_cumprod, accelerator, log)
+    loss_fn = parts.build_loss(cfg, unit_map, alphas_cumprod, surge)
+
+    if trainable.network is None:
+        unet, optimizer, scheduler = accelerator.prepare(student.unet, optimizer, scheduler)
+    else:  # LoRA: DDP syncs the network's gradients; the (frozen) UNet is called as it is, like sd-scripts
+        trainable.module, optimizer, scheduler = accelerator.prepare(trainable.module, optimizer, scheduler)
+        unet = student.unet.to(accelerator.device)
+    student_module = accelerator.unwrap_model(unet)
+    synced = unet if trainable.network is None else trainable.module  # what DDP wraps
+    progress = TrainProgress(seed=cfg.seed)
+    for obj in (progress, data.sampler, controller):
+        accelerator.register_for_checkpointing(obj)
+    if cfg.resume:
+        state_dir = find_resume_dir(cfg.resume)
+        log(f"resuming from {state_dir}")
+        accelerator.load_state(str(state_dir))
+    samples_before = parts.sample_images(cfg, sources, student, student_module, data, "student_before",
+                                         accelerator) if progress.global_step == 0 else None
+
+    # Ctrl-C or SIGTERM: finish the current step, save state, stop. A second Ctrl-C aborts at once.
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):  # noqa: ANN001
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        log("\nstop requested: saving state after this step (press Ctrl-C again to abort without saving)")
+
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = tqdm(total=total_steps, initial=progress.global_step, desc="surge" if surge else "train",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    try:
+        while progress.global_step < total_steps and not stop["requested"]:
+            epoch = progress.epoch
+            if surge is not None and progress.surge_updated_epoch < epoch:
+                surge_update(cfg, surge, student_module, unit_map, controller, trainable, progress, accelerator, log)
+
+            # ----- the batches of this epoch
+            data.sampler.set_epoch(epoch)
+            for batch in data.batches(skip=progress.step_in_epoch):
+                with accelerator.accumulate(synced):
+                    noised = noise_batch(batch.latents, batch.context, batch.added_cond, alphas_cumprod,
+                                         progress.generator, cfg.noise_offset or 0.0)
+                    controller.apply(optimizer)
+                    loss, terms = loss_fn(unet, student_module, surge.teacher_call if surge else None,
+                                          surge.teacher_module if surge else None, noised,
+                                          controller.multipliers() if surge else None)
+                    if not parts.all_finite(loss, accelerator):
+                        parts.skip_nonfinite_step(optimizer, scheduler, progress, log)
+                        progress.step_in_epoch += 1
+                        continue
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(trainable.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                progress.step_in_epoch += 1
+                if accelerator.sync_gradients:
+                    controller.step()
+                    progress.global_step += 1
+                    progress.history.log_step(progress.global_step, terms)
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
+                    accelerator.log({f"loss/{k}": v for k, v in terms.items()} | parts.lr_logs(optimizer),
+                                    step=progress.global_step)
+                    if cfg.save_every_n_steps and progress.global_step % cfg.save_every_n_steps == 0:
+                        parts.save_model(cfg, trainable, student, f"{cfg.output_name}-step{progress.global_step:08d}",
+                                         accelerator, progress)
+                if progress.global_step >= total_steps or stop["requested"]:
+                    break
+            if progress.step_in_epoch >= len(data.sampler.rank_batches()):
+                end_of_epoch(cfg, surge, student, student_module, trainable, data, sources, progress, accelerator,
+                             total_steps, output_dir, log)
+    finally:
+        bar.close()
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+
+    if stop["requested"]:
+        state_dir = output_dir / f"{cfg.output_name}-interrupted-state"
+        save_state(accelerator, progress, state_dir)
+        log(f"stopped at step {progress.global_step}; resume with --resume {state_dir}")
+        accelerator.end_training()
+        sys.exit(130)
+
+    final = parts.save_model(cfg, trainable, student, cfg.output_name, accelerator, progress)
+    if cfg.save_state:
+        save_state(accelerator, progress, output_dir / f"{cfg.output_name}-state")
+    if accelerator.is_main_process:
+        samples_after = parts.sample_images(cfg, sources, student, student_module, data, "student_after", accelerator)
+        sheet = parts.final_samples(cfg, sources, surge, student, data, samples_before, samples_after, output_dir)
+        page = write_report(progress.history, output_dir / "report", samples=sheet, title=f"{cfg.output_name}")
+        log(f"model: {final}\nreport: {page}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def save_state(accelerator: Accelerator, progress: TrainProgress, directory: Path) -> None:
+    """accelerate's state (model, optimizer, scheduler, RNG, registered objects) plus a marker file."""
+    accelerator.save_state(str(directory))
+    if accelerator.is_main_process:
+        (directory / PROGRESS_MARKER).write_text(
+            f'{{"global_step": {progress.global_step}, "epoch": {progress.epoch}}}\n')
+    accelerator.wait_for_everyone()
+
+
+def surge_update(cfg: TrainConfig, surge: parts.SurgeSetup, student_module, unit_map, controller, trainable,  # noqa: ANN001
+                 progress: TrainProgress, accelerator: Accelerator, log) -> None:  # noqa: ANN001
+    """DESIGN §3 B–E at the start of an epoch: student capture, anchors and zones, controller, replay."""
+    epoch = progress.epoch
+    update = surge_epoch_update(
+        student_module, unit_map, surge.probes, surge.store, controller,
+        options=surge.capture_options, rules=surge.rules, replay_units=surge.replay_units,
+        replay_steps=cfg.surge.replay_steps, replay_lr=surge.replay_lr,
+        pre_change_layers=cfg.surge.pre_change_layers, post_change_layers=cfg.surge.post_change_layers,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        replay_params=trainable.unit_params, log=log,
+    )
+    if update.replay and accelerator.num_processes > 1:
+        for p in trainable.parameters():  # replicas must stay identical after replay
+            p.data.copy_(broadcast(p.data, from_process=0))
+    progress.history.log_epoch(EpochRecord(
+        epoch=epoch, multipliers=dict(update.targets),
+        relative_difference={u: row["d"] for u, row in update.stats.items()},
+        anchors=update.zones.anchors, high_difference=update.zones.high_difference,
+        slow=update.zones.slow, replay=[r.as_dict() for r in update.replay]))
+    progress.surge_updated_epoch = epoch
+    log(f"epoch {epoch}: anchors {update.zones.anchors or '-'}; high-difference "
+        f"{update.zones.high_difference or '-'}; slow {update.zones.slow or '-'}")
+
+
+def end_of_epoch(cfg: TrainConfig, surge, student, student_module, trainable, data, sources,  # noqa: ANN001
+                 progress: TrainProgress, accelerator: Accelerator, total_steps: int, output_dir: Path,
+                 log) -> None:  # noqa: ANN001
+    """Count the epoch, measure teacher matching, save (model + state) and sample as configured."""
+    progress.epoch += 1
+    progress.step_in_epoch = 0
+    if surge is not None:
+        error = parts.teacher_matching_error(student_module, surge, accelerator)
+        progress.history.eval.append({"step": progress.global_step, "teacher_mse": error})
+        log(f"epoch {progress.epoch}: held-out teacher-matching MSE {error:.5f}")
+    last = progress.global_step >= total_steps
+    if cfg.save_every_n_epochs and progress.epoch % cfg.save_every_n_epochs == 0 and not last:
+        name = f"{cfg.output_name}-{progress.epoch:06d}"
+        parts.save_model(cfg, trainable, student, name, accelerator, progress)
+        if cfg.save_state:
+            save_state(accelerator, progress, output_dir / f"{name}-state")
+    if cfg.sample_every_n_epochs and progress.epoch % cfg.sample_every_n_epochs == 0 and not last:
+        parts.sample_images(cfg, sources, student, student_module, data, f"e{progress.epoch:06d}", accelerator)
