@@ -24,6 +24,11 @@ from typing import Any
 
 import toml
 
+try:  # TOML 1.0 (mixed arrays such as loras = [["a.safetensors", 0.7]]); the `toml` package reads 0.5 only
+    import tomllib as _toml_reader
+except ImportError:  # Python 3.10
+    _toml_reader = None
+
 logger = logging.getLogger(__name__)
 
 
@@ -77,7 +82,8 @@ IGNORED_PREFIXES = ("wandb_", "huggingface_", "metadata_", "dynamo_", "deepspeed
 
 SURGE_KEYS = ("shock_rate", "smooth_rate", "max_hops", "anchor_grasp", "pre_change_layers", "post_change_layers",
               "num_seeds", "probes", "flavor_resolution", "flavor_cache_dir", "replay_steps", "replay_units",
-              "replay_lr", "traj_weight", "w_task", "w_out", "unit_map", "teachers")
+              "replay_lr", "traj_weight", "w_task", "w_out", "feature_weight", "unit_map", "teachers", "controller",
+              "random_lr", "eval_every_n_steps", "target_teacher_mse")
 UNIT_MAPS = ("mbw", "fine")
 SDXL_BLOCK_LR_COUNT = 23  # time/label emb, input_blocks 0-8, middle 0-2, output_blocks 0-8, out
 _warned_ignored: set[str] = set()
@@ -191,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--surge_w_task", type=float, default=1.0)
     a("--surge_w_out", type=float, default=1.0)
     a("--surge_unit_map", type=str, default="mbw", choices=list(UNIT_MAPS))
+    a("--surge_feature_weight", type=float, default=0.0, help="BK-SDM-style feature KD weight (baselines)")
+    a("--surge_controller", type=_bool, default=True, help="false: no per-unit LRs (output-KD baselines)")
+    a("--surge_random_lr", type=_bool, default=False, help="ablation: random per-unit multipliers")
+    a("--surge_eval_every_n_steps", type=int, default=0, help="held-out teacher-matching MSE every N steps")
+    a("--surge_target_teacher_mse", type=float, default=0.0, help="stop once the held-out MSE is at most this")
     # --- config files
     a("--config_file", type=str, help="TOML with the arguments (sections flattened one level)")
     flag("--output_config", help="write the merged config to the --config_file path and exit")
@@ -228,6 +239,11 @@ class SurgeConfig:
     w_task: float = 1.0
     w_out: float = 1.0
     unit_map: str = "mbw"
+    feature_weight: float = 0.0
+    controller: bool = True
+    random_lr: bool = False
+    eval_every_n_steps: int = 0
+    target_teacher_mse: float = 0.0
     teachers: list = field(default_factory=list)  # teachers.TeacherSpec, one per [[surge.teachers]] table
 
 
@@ -313,6 +329,17 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------- the TOML file
 
 
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file; a syntax error becomes a ConfigError naming the file and line."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        if _toml_reader is not None:
+            return _toml_reader.loads(text)
+        return toml.loads(text)
+    except (ValueError, toml.TomlDecodeError) as e:  # tomllib.TOMLDecodeError is a ValueError
+        raise ConfigError(f"{path}: not valid TOML ({e}); fix the line it names") from e
+
+
 def _suggest(key: str, known: Sequence[str]) -> str:
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -329,10 +356,7 @@ def read_config_file(path: str | Path, known: Sequence[str]) -> tuple[dict[str, 
         path = path.with_name(path.name + ".toml")
     if not path.is_file():
         raise ConfigError(f"--config_file {path}: file not found")
-    try:
-        data = toml.loads(path.read_text(encoding="utf-8"))
-    except toml.TomlDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e}); fix the line it names") from e
+    data = load_toml(path)
     known_set = set(known)
     values: dict[str, Any] = {}
     ignored: dict[str, Any] = {}
@@ -440,7 +464,7 @@ def parse_train_args(argv: Sequence[str] | None = None) -> TrainConfig:
     ignored: dict[str, Any] = {}
     source = "command line"
     if args.config_file and not args.output_config:
-        known = [k for k in merged if k not in ("config_file", "output_config")]
+        known = [k for k in merged if k not in ("config_file", "output_config")] + ["surge_teachers"]
         file_values, ignored = read_config_file(args.config_file, known)
         file_values = coerce_file_values(file_values, parser, str(args.config_file))
         explicit = _explicit_flags(argv, parser)
