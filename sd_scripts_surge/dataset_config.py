@@ -1,35 +1,58 @@
 """kohya dataset configuration: `[general]`, `[[datasets]]`, `[[datasets.subsets]]`, or the folder form.
 
-Values inherit general → dataset → subset as in sd-scripts. Everything is parsed once into typed
-dataclasses; an unknown key is an error naming the key, the file and the closest valid name.
-Folder form: `train_data_dir/NN_name/` holds images with NN repeats and class tokens "name".
+- Values inherit general → dataset → subset as in sd-scripts (a subset key may be set at any of the three
+  levels; the nearest wins). Command-line values (`--resolution`, `--caption_extension` …) are the defaults
+  under `[general]`.
+- Everything is parsed once into typed dataclasses. An unknown key is an error naming the key, the table,
+  the file and the closest valid name; a value of the wrong type or range is an error naming the key.
+- sd-scripts keys this pipeline does not act on (token warm-up, face crop, alpha masks …) are accepted and kept
+  in `extra`, so real kohya dataset TOMLs load.
+- Folder form (`--train_data_dir` only): every `NN_name` subfolder is a subset with NN repeats and class
+  tokens "name" (sd-scripts ignores, and we warn about, folders without the `NN_` prefix).
+- A relative `image_dir` is taken as given (relative to the working directory, like sd-scripts) when it exists
+  there, else relative to the TOML file's folder.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import toml
+from .config import ConfigError, TrainConfig, load_toml, parse_resolution
 
-from .config import ConfigError, TrainConfig
+logger = logging.getLogger(__name__)
 
-SUBSET_KEYS = {"image_dir", "num_repeats", "caption_extension", "shuffle_caption", "keep_tokens",
-               "keep_tokens_separator", "class_tokens", "is_reg", "flip_aug", "color_aug", "random_crop",
-               "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
-               "caption_prefix", "caption_suffix", "secondary_separator", "enable_wildcard", "token_warmup_min",
-               "token_warmup_step", "face_crop_aug_range", "alpha_mask", "cache_info", "metadata_file"}
-DATASET_KEYS = {"resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
-                "bucket_reso_steps", "bucket_no_upscale", "network_multiplier", "debug_dataset"}
+# key -> expected TOML type(s); float keys accept integers.
+SUBSET_SCHEMA: dict[str, tuple[type, ...]] = {
+    "image_dir": (str,), "num_repeats": (int,), "caption_extension": (str,), "shuffle_caption": (bool,),
+    "keep_tokens": (int,), "keep_tokens_separator": (str,), "class_tokens": (str,), "is_reg": (bool,),
+    "flip_aug": (bool,), "color_aug": (bool,), "random_crop": (bool,), "caption_dropout_rate": (float, int),
+    "caption_tag_dropout_rate": (float, int), "caption_prefix": (str,), "caption_suffix": (str,),
+}
+SUBSET_ACCEPTED_UNUSED = {"caption_dropout_every_n_epochs", "secondary_separator", "enable_wildcard",
+                          "token_warmup_min", "token_warmup_step", "face_crop_aug_range", "alpha_mask", "cache_info",
+                          "metadata_file", "conditioning_data_dir", "custom_attributes", "validation_seed",
+                          "validation_split", "resize_interpolation"}
+DATASET_SCHEMA: dict[str, tuple[type, ...]] = {
+    "resolution": (int, list), "batch_size": (int,), "enable_bucket": (bool,), "min_bucket_reso": (int,),
+    "max_bucket_reso": (int,), "bucket_reso_steps": (int,), "bucket_no_upscale": (bool,),
+}
+DATASET_ACCEPTED_UNUSED = {"network_multiplier", "debug_dataset", "qwen_image_edit_no_resize_control",
+                           "validation_seed", "validation_split"}
+SUBSET_KEYS = set(SUBSET_SCHEMA) | SUBSET_ACCEPTED_UNUSED
+DATASET_KEYS = set(DATASET_SCHEMA) | DATASET_ACCEPTED_UNUSED
 GENERAL_KEYS = SUBSET_KEYS | DATASET_KEYS
 FOLDER_PATTERN = re.compile(r"^(\d+)_(.+)$")
 
 
 @dataclass
 class SubsetConfig:
+    """One folder of images and how its captions are read."""
+
     image_dir: Path
     num_repeats: int = 1
     caption_extension: str = ".caption"
@@ -39,11 +62,19 @@ class SubsetConfig:
     class_tokens: str | None = None
     is_reg: bool = False
     flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
+    caption_dropout_rate: float = 0.0
+    caption_tag_dropout_rate: float = 0.0
+    caption_prefix: str = ""
+    caption_suffix: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # accepted sd-scripts keys this trainer does not use
 
 
 @dataclass
 class DatasetConfig:
+    """One `[[datasets]]` table: its subsets and bucket settings. resolution is (width, height)."""
+
     subsets: list[SubsetConfig]
     resolution: tuple[int, int] = (1024, 1024)
     batch_size: int = 1
@@ -52,9 +83,10 @@ class DatasetConfig:
     max_bucket_reso: int = 2048
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _check_keys(table: dict, allowed: set[str], where: str, path: Path) -> None:
+def _check_keys(table: dict, allowed: set[str], where: str, path: Path | str) -> None:
     for key in table:
         if key not in allowed:
             close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
@@ -62,70 +94,63 @@ def _check_keys(table: dict, allowed: set[str], where: str, path: Path) -> None:
             raise ConfigError(f"{path}: unknown key {key!r} in {where}{hint}")
 
 
-def _resolution(value: Any, where: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return int(value[0]), int(value[1])
-    raise ConfigError(f"{where}: resolution must be an integer or [width, height], got {value!r}")
+def _check_types(values: dict[str, Any], schema: dict[str, tuple[type, ...]], where: str) -> None:
+    for key, value in values.items():
+        expected = schema.get(key)
+        if expected is None:
+            continue
+        ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
+        if not ok:
+            names = " or ".join("array" if t is list else t.__name__ for t in expected)
+            raise ConfigError(f"{where}: key {key!r} must be {names}, got {value!r}")
+
+
+def _resolve_dir(value: str, base_dir: Path) -> Path:
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return base_dir / path
 
 
 def _subset(values: dict[str, Any], base_dir: Path, where: str) -> SubsetConfig:
-    known = {f.name for f in fields(SubsetConfig)} - {"extra"}
-    if "image_dir" not in values:
-        raise ConfigError(f"{where}: image_dir is required")
-    image_dir = Path(values["image_dir"])
-    if not image_dir.is_absolute():
-        image_dir = base_dir / image_dir
-    kwargs = {k: v for k, v in values.items() if k in known and k != "image_dir"}
-    if "num_repeats" in kwargs and (not isinstance(kwargs["num_repeats"], int) or kwargs["num_repeats"] < 1):
-        raise ConfigError(f"{where}: num_repeats must be an integer ≥ 1, got {kwargs['num_repeats']!r}")
-    extra = {k: v for k, v in values.items() if k not in known}
-    return SubsetConfig(image_dir=image_dir, extra=extra, **kwargs)
+    _check_types(values, SUBSET_SCHEMA, where)
+    if not values.get("image_dir"):
+        raise ConfigError(f"{where}: key 'image_dir' is required (the folder with the images)")
+    kwargs = {k: v for k, v in values.items() if k in SUBSET_SCHEMA and k != "image_dir"}
+    extra = {k: v for k, v in values.items() if k in SUBSET_ACCEPTED_UNUSED}
+    subset = SubsetConfig(image_dir=_resolve_dir(values["image_dir"], base_dir), extra=extra, **kwargs)
+    if subset.num_repeats < 1:
+        raise ConfigError(f"{where}: key 'num_repeats' must be ≥ 1, got {subset.num_repeats}")
+    if subset.keep_tokens < 0:
+        raise ConfigError(f"{where}: key 'keep_tokens' must be ≥ 0, got {subset.keep_tokens}")
+    for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        rate = float(getattr(subset, key))
+        if not 0.0 <= rate <= 1.0:
+            raise ConfigError(f"{where}: key {key!r} must be in [0, 1], got {rate}")
+        setattr(subset, key, rate)
+    if subset.caption_extension and not subset.caption_extension.startswith("."):
+        subset.caption_extension = "." + subset.caption_extension  # sd-scripts accepts "txt" as well
+    return subset
 
 
 def _dataset(values: dict[str, Any], subsets: list[SubsetConfig], where: str) -> DatasetConfig:
-    kwargs = {k: v for k, v in values.items() if k in {f.name for f in fields(DatasetConfig)} and k != "subsets"}
+    _check_types(values, DATASET_SCHEMA, where)
+    kwargs = {k: v for k, v in values.items() if k in DATASET_SCHEMA}
     if "resolution" in kwargs:
-        kwargs["resolution"] = _resolution(kwargs["resolution"], where)
-    config = DatasetConfig(subsets=subsets, **kwargs)
+        kwargs["resolution"] = parse_resolution(kwargs["resolution"], f"{where}: key 'resolution'")
+    extra = {k: v for k, v in values.items() if k in DATASET_ACCEPTED_UNUSED}
+    config = DatasetConfig(subsets=subsets, extra=extra, **kwargs)
     if config.batch_size < 1:
-        raise ConfigError(f"{where}: batch_size must be ≥ 1")
-    if config.enable_bucket and config.min_bucket_reso > config.max_bucket_reso:
-        raise ConfigError(f"{where}: min_bucket_reso {config.min_bucket_reso} > max_bucket_reso "
-                          f"{config.max_bucket_reso}")
+        raise ConfigError(f"{where}: key 'batch_size' must be ≥ 1, got {config.batch_size}")
+    if config.bucket_reso_steps < 1:
+        raise ConfigError(f"{where}: key 'bucket_reso_steps' must be ≥ 1, got {config.bucket_reso_steps}")
+    if not 0 < config.min_bucket_reso <= config.max_bucket_reso:
+        raise ConfigError(f"{where}: key 'min_bucket_reso' ({config.min_bucket_reso}) must be > 0 and ≤ "
+                          f"max_bucket_reso ({config.max_bucket_reso})")
+    if config.enable_bucket and min(config.resolution) < config.min_bucket_reso:
+        raise ConfigError(f"{where}: key 'min_bucket_reso' ({config.min_bucket_reso}) is larger than the "
+                          f"resolution {config.resolution}; lower it")
     return config
-
-
-def load_dataset_config(path: str | Path, train: TrainConfig | None = None) -> list[DatasetConfig]:
-    """Parse a kohya dataset TOML. `train` supplies the defaults sd-scripts takes from the command line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--dataset_config {path}: file not found")
-    try:
-        data = toml.loads(path.read_text(encoding="utf-8"))
-    except toml.TomlDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from e
-    _check_keys(data, {"general", "datasets"}, "the top level", path)
-    general = data.get("general", {})
-    _check_keys(general, GENERAL_KEYS, "[general]", path)
-    defaults = _cli_defaults(train)
-    datasets = []
-    for i, ds in enumerate(data.get("datasets", [])):
-        where = f"{path} [[datasets]] #{i + 1}"
-        _check_keys(ds, DATASET_KEYS | SUBSET_KEYS | {"subsets"}, f"[[datasets]] #{i + 1}", path)
-        inherited = {**defaults, **general, **{k: v for k, v in ds.items() if k != "subsets"}}
-        subsets = []
-        for j, sub in enumerate(ds.get("subsets", [])):
-            _check_keys(sub, SUBSET_KEYS, f"[[datasets.subsets]] #{j + 1} of dataset #{i + 1}", path)
-            merged = {k: v for k, v in {**inherited, **sub}.items() if k in SUBSET_KEYS}
-            subsets.append(_subset(merged, path.parent, f"{where} subset #{j + 1}"))
-        if not subsets:
-            raise ConfigError(f"{where}: no [[datasets.subsets]]")
-        datasets.append(_dataset({k: v for k, v in inherited.items() if k in DATASET_KEYS}, subsets, where))
-    if not datasets:
-        raise ConfigError(f"{path}: no [[datasets]] table")
-    return datasets
 
 
 def _cli_defaults(train: TrainConfig | None) -> dict[str, Any]:
@@ -138,20 +163,61 @@ def _cli_defaults(train: TrainConfig | None) -> dict[str, Any]:
             "keep_tokens": train.keep_tokens}
 
 
-def dataset_config_from_folder(train_data_dir: str | Path, train: TrainConfig | None = None) -> list[DatasetConfig]:
-    """sd-scripts' folder form: every `NN_name` subfolder is a subset with NN repeats and class tokens."""
+def parse_dataset_tables(data: dict[str, Any], path: Path | str, base_dir: Path,
+                         defaults: dict[str, Any] | None = None) -> list[DatasetConfig]:
+    """Typed datasets from an already-read dataset TOML dict (`path` only names the source in errors)."""
+    _check_keys(data, {"general", "datasets"}, "the top level", path)
+    general = data.get("general", {})
+    if not isinstance(general, dict):
+        raise ConfigError(f"{path}: [general] must be a table")
+    _check_keys(general, GENERAL_KEYS, "[general]", path)
+    tables = data.get("datasets", [])
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"{path}: no [[datasets]] table; add one with at least one [[datasets.subsets]]")
+    datasets = []
+    for i, table in enumerate(tables):
+        where = f"{path} [[datasets]] #{i + 1}"
+        _check_keys(table, DATASET_KEYS | SUBSET_KEYS | {"subsets"}, f"[[datasets]] #{i + 1}", path)
+        inherited = {**(defaults or {}), **general, **{k: v for k, v in table.items() if k != "subsets"}}
+        subsets = []
+        for j, sub in enumerate(table.get("subsets", [])):
+            _check_keys(sub, SUBSET_KEYS, f"[[datasets.subsets]] #{j + 1} of [[datasets]] #{i + 1}", path)
+            merged = {k: v for k, v in {**inherited, **sub}.items() if k in SUBSET_KEYS}
+            subsets.append(_subset(merged, base_dir, f"{where} subset #{j + 1}"))
+        if not subsets:
+            raise ConfigError(f"{where}: no [[datasets.subsets]]; add one with image_dir = \"...\"")
+        datasets.append(_dataset({k: v for k, v in inherited.items() if k in DATASET_KEYS}, subsets, where))
+    return datasets
+
+
+def load_dataset_config(path: str | Path, train: TrainConfig | None = None) -> list[DatasetConfig]:
+    """Parse a kohya dataset TOML. `train` supplies the defaults sd-scripts takes from the command line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--dataset_config {path}: file not found")
+    return parse_dataset_tables(load_toml(path), path, path.parent, _cli_defaults(train))
+
+
+def dataset_config_from_folder(train_data_dir: str | Path, train: TrainConfig | None = None,
+                               **overrides: Any) -> list[DatasetConfig]:
+    """sd-scripts' folder form: every `NN_name` subfolder is a subset with NN repeats and class tokens "name".
+
+    `overrides` are dataset or subset keys (e.g. resolution=64, bucket_reso_steps=16) on top of `train`'s.
+    """
     root = Path(train_data_dir)
     if not root.is_dir():
         raise ConfigError(f"--train_data_dir {root}: folder not found")
-    defaults = _cli_defaults(train)
+    _check_keys(overrides, GENERAL_KEYS, "dataset_config_from_folder()", root)
+    values = {**_cli_defaults(train), **overrides}
     subsets = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         match = FOLDER_PATTERN.match(folder.name)
         if not match:
-            continue  # sd-scripts ignores folders without the NN_ prefix too
-        values = {k: v for k, v in defaults.items() if k in SUBSET_KEYS}
-        values.update(image_dir=str(folder), num_repeats=int(match.group(1)), class_tokens=match.group(2))
-        subsets.append(_subset(values, root, f"{folder}"))
+            logger.warning("%s: ignoring folder %r (not named like '10_name', where 10 = repeats)", root, folder.name)
+            continue
+        subset_values = {k: v for k, v in values.items() if k in SUBSET_KEYS}
+        subset_values.update(image_dir=str(folder), num_repeats=int(match.group(1)), class_tokens=match.group(2))
+        subsets.append(_subset(subset_values, root, str(folder)))
     if not subsets:
-        raise ConfigError(f"--train_data_dir {root}: no subfolders named like '10_name' (NN = repeats)")
-    return [_dataset({k: v for k, v in defaults.items() if k in DATASET_KEYS}, subsets, str(root))]
+        raise ConfigError(f"--train_data_dir {root}: no subfolders named like '10_name' (10 = repeats)")
+    return [_dataset({k: v for k, v in values.items() if k in DATASET_KEYS}, subsets, str(root))]
