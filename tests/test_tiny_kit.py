@@ -19,6 +19,7 @@ from sd_scripts_surge.tiny.kit import (
     deterministic,
     encode_latents,
     ensure_tiny_kit,
+    init_vae_as_pixel_codec,
     kit_is_valid,
     load_image_tensor,
     load_tokenizers,
@@ -118,6 +119,33 @@ def test_vae_rescale_keeps_decoding_and_gives_unit_latents(tiny_kit):  # noqa: F
     assert latents.std() == pytest.approx(1.0, rel=0.05)
 
 
+def test_pixel_codec_vae_is_average_pool_and_nearest_upsample():
+    import torch.nn.functional as F
+
+    from sd_scripts_surge.tiny.architecture import build_tiny_vae
+
+    vae = build_tiny_vae(0).eval()
+    init_vae_as_pixel_codec(vae)
+    images = torch.rand(2, 3, 64, 48) * 2 - 1
+    with torch.no_grad(), deterministic():
+        posterior = vae.encode(images).latent_dist
+        decoded = vae.decode(posterior.mean).sample
+    pooled = F.avg_pool2d(images, 8)
+    assert torch.allclose(posterior.mean[:, :3], pooled, atol=5e-3)
+    assert torch.allclose(posterior.mean[:, 3], pooled.mean(dim=1), atol=5e-3)
+    assert posterior.std.max() < 1e-2
+    assert torch.allclose(decoded, F.interpolate(pooled, scale_factor=8, mode="nearest"), atol=1e-2)
+
+
+def test_kit_vae_reconstructs_dataset_images(tiny_kit):  # noqa: F811
+    vae = _load(tiny_kit.base_dir)[1]
+    images = torch.stack([load_image_tensor(p) for p in sorted(tiny_kit.eval_dir.glob("*.png"))])
+    with torch.no_grad(), deterministic():
+        decoded = vae.decode(vae.encode(images).latent_dist.mean).sample
+    assert (decoded - images).abs().mean() < 0.08  # blocky, but colours and places are right
+    assert tiny_kit.metrics["vae_eval_mae"] == pytest.approx(float((decoded - images).abs().mean()), rel=1e-3)
+
+
 def test_cache_is_reused_and_rebuilt_when_stale(tmp_path, tiny_kit):  # noqa: F811
     recipe = QUICK_RECIPE
     root = tmp_path / "kit"
@@ -166,6 +194,13 @@ def test_failed_build_leaves_no_kit(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
 
+def test_foreign_directory_is_never_replaced(tmp_path):
+    (tmp_path / "my_model.safetensors").write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="not part of a tiny kit"):
+        ensure_tiny_kit(tmp_path, recipe=QUICK_RECIPE, progress=False)
+    assert (tmp_path / "my_model.safetensors").read_bytes() == b"precious"
+
+
 def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("SURGE_CACHE_DIR", str(tmp_path))
     assert default_cache_dir() == tmp_path / "tiny-v1"
@@ -178,3 +213,20 @@ def test_cli_info(tiny_kit, capsys):  # noqa: F811
     out = capsys.readouterr().out
     assert "status: valid" in out and "teacher_eval_mse" in out
     assert tiny_main(["info", "--cache_dir", str(tiny_kit.root)]) == 1  # the full recipe is not built there
+
+
+@pytest.mark.slow
+def test_rebuild_gives_identical_bytes(tmp_path, tiny_kit):  # noqa: F811
+    """Same recipe, same torch build → the same files, byte for byte (a second reduced build, ~30 s)."""
+    import hashlib
+
+    again = ensure_tiny_kit(tmp_path / "again", recipe=QUICK_RECIPE, progress=False)
+
+    def digests(root):
+        return {
+            p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in (STAMP_NAME, "dataset.toml")  # the TOML holds absolute paths
+        }
+
+    assert digests(again.root) == digests(tiny_kit.root)

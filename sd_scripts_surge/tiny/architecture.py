@@ -81,7 +81,10 @@ def tiny_vae_config() -> dict:
         block_out_channels=(8, 16, 16, 16),
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=8,
+        # One group: with 8-16 channels, 8 groups would be per-channel instance norm, which removes each
+        # channel's mean and so cannot pass a flat colour through the encoder's / decoder's last norm.
+        # (Real SDXL: 32 groups over 128-512 channels.) The tiny kit's VAE weights rely on this.
+        norm_num_groups=1,
         sample_size=64,
         scaling_factor=0.13025,
     )

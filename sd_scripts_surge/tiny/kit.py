@@ -3,9 +3,10 @@
 Recipe (all seeded, single-threaded, deterministic algorithms on):
 1. tokenizers: CLIP BPE learned from the caption vocabulary (tokenizer.py);
 2. dataset: procedural shapes with captions (dataset.py);
-3. VAE: trained briefly as an autoencoder on crops of the training images, then its latent space is
-   rescaled (quant_conv × c, post_quant_conv × 1/c: the decoded images do not change) so that latents ×
-   0.13025 — SDXL's scaling factor, kept in the config — have unit standard deviation;
+3. VAE: set (not trained) to an 8×8 average-colour encoder / nearest-neighbour decoder inside the real
+   AutoencoderKL modules (init_vae_as_pixel_codec), then its latent space is rescaled (quant_conv × c,
+   post_quant_conv × 1/c: decoded images do not change) so that latents × 0.13025 — SDXL's scaling
+   factor, kept in the config — have unit standard deviation;
 4. text encoders: random from fixed seeds, frozen (TE1 pads with EOS, TE2 with "!", as SDXL);
 5. base UNet: trained briefly on the images with one generic caption (knows "shapes", not words);
 6. teacher UNet: base trained further on the real captions (10 % caption dropout for CFG) with the
@@ -64,23 +65,19 @@ class KitRecipe:
     num_shapes: int = 48  # 64×64 images in train/10_shapes
     num_mixed: int = 16  # 64×64 / 64×48 / 48×64 images in train/5_mixed
     num_eval: int = 16  # held-out captions + images in eval/
-    vae_steps: int = 240
-    vae_batch: int = 16
-    vae_crop: int = 32  # train the (fully convolutional) VAE on crops: 4× cheaper than 64×64
-    vae_lr: float = 2e-3
-    vae_kl_weight: float = 1e-6
-    base_steps: int = 120
-    teacher_steps: int = 240
+    base_steps: int = 60
+    teacher_steps: int = 180
     unet_batch: int = 16
-    unet_lr: float = 1e-3
+    unet_lr: float = 2e-3
     caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0  # kohya's --min_snr_gamma: less weight on the easy, high-SNR timesteps
     eval_timesteps: int = 10
 
 
 FULL_RECIPE = KitRecipe()
-# A reduced kit for tests: same code path and layout, a fraction of the steps (~15-20 s on 1 core).
-QUICK_RECIPE = KitRecipe(num_shapes=24, num_mixed=6, num_eval=6, vae_steps=40, base_steps=20, teacher_steps=50,
-                         unet_batch=8, eval_timesteps=6)
+# A reduced kit for tests: same code path and layout, a fraction of the steps (~10-25 s on 1 core).
+QUICK_RECIPE = KitRecipe(num_shapes=24, num_mixed=6, num_eval=6, base_steps=10, teacher_steps=35, unet_batch=8,
+                         eval_timesteps=6)
 
 
 @dataclass(frozen=True)
@@ -228,36 +225,78 @@ def time_ids_for(height: int, width: int, batch: int) -> torch.Tensor:
 # VAE
 
 
-def _random_crops(images: list[torch.Tensor], count: int, size: int, gen: torch.Generator) -> torch.Tensor:
-    picks = torch.randint(len(images), (count,), generator=gen).tolist()
-    crops = []
-    for index in picks:
-        image = images[index]
-        top = int(torch.randint(image.shape[1] - size + 1, (1,), generator=gen))
-        left = int(torch.randint(image.shape[2] - size + 1, (1,), generator=gen))
-        crops.append(image[:, top : top + size, left : left + size])
-    return torch.stack(crops)
+@torch.no_grad()
+def init_vae_as_pixel_codec(vae, *, constant: float = 50.0, shift: float = 10.0) -> None:
+    """Set the AutoencoderKL's weights so it encodes 8×8 average colours and decodes them nearest-neighbour.
+
+    Why not train it: on 2 shared cores a from-scratch autoencoder needs far more steps than the kit's
+    budget to get past "predict the mean colour". The construction keeps every module of the real
+    architecture in the path, exactly:
+    - every ResNet / attention residual branch outputs 0 (conv2 / to_out zeroed), so blocks pass through;
+    - downsamplers average 2×2 (kernel taps [0:2, 0:2] = 1/4), upsamplers' convs are the identity;
+    - the stream carries (R, G, B, −(R+G+B), +K, −K, 0…): channels sum to 0 at every pixel, so the final
+      one-group GroupNorm has mean 0 and std ≈ K·√(2/C) whatever the image (signal² ≪ K²), i.e. it is
+      linear; its affine undoes the scale and adds `shift` so the SiLU after it is ≈ identity, and the
+      output conv subtracts the shift again.
+    Latent channels: R, G, B and their mean. Residual branches stay zero-initialised for later training.
+    """
+    if vae.config.norm_num_groups != 1:
+        raise ValueError(f"the pixel codec needs norm_num_groups=1 in the VAE config, got {vae.config.norm_num_groups}")
+    for module in vae.modules():
+        kind = type(module).__name__
+        if kind == "ResnetBlock2D":
+            module.conv2.weight.zero_()
+            module.conv2.bias.zero_()
+            if module.conv_shortcut is not None:
+                _identity_conv(module.conv_shortcut)
+        elif kind == "Attention":
+            module.to_out[0].weight.zero_()
+            module.to_out[0].bias.zero_()
+        elif kind == "Downsample2D":
+            module.conv.weight.zero_()
+            module.conv.bias.zero_()
+            for c in range(module.conv.weight.shape[0]):
+                module.conv.weight[c, c, 0:2, 0:2] = 0.25
+        elif kind == "Upsample2D":
+            _identity_conv(module.conv)
+
+    def stream_in(conv: torch.nn.Conv2d) -> None:
+        conv.weight.zero_()
+        conv.bias.zero_()
+        for rgb in range(3):
+            conv.weight[rgb, rgb, 1, 1] = 1.0
+            conv.weight[3, rgb, 1, 1] = -1.0
+        conv.bias[4], conv.bias[5] = constant, -constant
+
+    def stream_out(norm: torch.nn.GroupNorm, conv: torch.nn.Conv2d, rows: list[list[float]]) -> None:
+        norm.weight.zero_()
+        norm.bias.zero_()
+        norm.weight[:3] = constant * math.sqrt(2.0 / norm.num_channels)
+        norm.bias[:3] = shift
+        conv.weight.zero_()
+        conv.bias.zero_()
+        for out, coeffs in enumerate(rows):
+            for channel, coeff in enumerate(coeffs):
+                conv.weight[out, channel, 1, 1] = coeff
+                conv.bias[out] -= coeff * shift
+
+    enc, dec = vae.encoder, vae.decoder
+    stream_in(enc.conv_in)
+    stream_out(enc.conv_norm_out, enc.conv_out, [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1 / 3, 1 / 3, 1 / 3]])
+    enc.conv_out.bias[vae.config.latent_channels :] = -12.0  # log-variance: a near-deterministic posterior
+    _identity_conv(vae.quant_conv)
+    _identity_conv(vae.post_quant_conv)
+    stream_in(dec.conv_in)
+    stream_out(dec.conv_norm_out, dec.conv_out, [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
 
 
-def train_vae(vae, images: list[torch.Tensor], recipe: KitRecipe, progress: bool) -> dict:
-    """Autoencoder training: L1 + MSE reconstruction of the posterior mean + a tiny KL term."""
-    gen = torch.Generator().manual_seed(recipe.seed + 11)
-    vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    sched = _warmup_cosine(opt, recipe.vae_steps)
-    loss = torch.tensor(0.0)
-    for _ in tqdm(range(recipe.vae_steps), desc="tiny kit: VAE", disable=not progress, leave=False):
-        batch = _random_crops(images, recipe.vae_batch, recipe.vae_crop, gen)
-        posterior = vae.encode(batch).latent_dist
-        recon = vae.decode(posterior.mean).sample
-        kl = posterior.kl().mean() / batch[0].numel()
-        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + recipe.vae_kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    vae.eval()
-    return {"vae_final_loss": loss.item()}
+def _identity_conv(conv: torch.nn.Conv2d) -> None:
+    """Channel i → channel i (centre tap), zero bias; extra output channels get 0."""
+    conv.weight.zero_()
+    conv.bias.zero_()
+    centre = conv.kernel_size[0] // 2
+    for c in range(min(conv.in_channels, conv.out_channels)):
+        conv.weight[c, c, centre, centre] = 1.0
 
 
 @torch.no_grad()
@@ -345,7 +384,10 @@ def train_unet(
         t = torch.randint(NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet_forward(unet, noisy, t, context, pooled), noise)
+        per_sample = F.mse_loss(unet_forward(unet, noisy, t, context, pooled), noise, reduction="none")
+        snr = a.flatten() / (1 - a.flatten())
+        weight = snr.clamp(max=recipe.min_snr_gamma) / snr if recipe.min_snr_gamma > 0 else torch.ones_like(snr)
+        loss = (per_sample.mean(dim=(1, 2, 3)) * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -480,7 +522,8 @@ def build_kit(
         eval_images, eval_captions = [x for x, _ in held_out], [c for _, c in held_out]
 
         vae = build_tiny_vae(recipe.seed + 1)
-        metrics = train_vae(vae, train_images, recipe, progress)
+        init_vae_as_pixel_codec(vae)
+        metrics: dict = {}
         metrics["vae_latent_rescale"] = rescale_vae_latents(vae, train_images)
         with torch.no_grad():
             recon = [vae.decode(vae.encode(img[None]).latent_dist.mean).sample[0] for img in eval_images]
@@ -568,6 +611,22 @@ def _build_lock(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+KIT_ENTRIES = {"base", "teacher", "dataset", STAMP_NAME}
+
+
+def _refuse_foreign_directory(root: Path) -> None:
+    """A rebuild replaces `root`: never do that to a directory that is not (a piece of) a kit."""
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"tiny kit: {root} is a file; pass a directory path as cache_dir")
+    if root.is_dir():
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in KIT_ENTRIES)
+        if foreign:
+            raise FileExistsError(
+                f"tiny kit: {root} holds files that are not part of a tiny kit ({', '.join(foreign[:5])}); "
+                "it would be replaced by a rebuild. Pass a new or empty directory as cache_dir."
+            )
+
+
 def ensure_tiny_kit(
     cache_dir: str | Path | None = None,
     *,
@@ -588,6 +647,7 @@ def ensure_tiny_kit(
     with _build_lock(root):
         if not force and kit_is_valid(root, recipe):  # another process built it while we waited
             return TinyKitPaths.under(root, read_stamp(root).get("metrics", {}))
+        _refuse_foreign_directory(root)
         staging = root.parent / f".{root.name}.building-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
