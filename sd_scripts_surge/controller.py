@@ -152,8 +152,14 @@ class UnitLRController:
         if unknown:
             raise KeyError(f"statistics for units not in the controller's unit map: {sorted(unknown)}")
         full_d = {u: float(d.get(u, 0.0)) for u in self.units}
-        targets = _broadcast_from_rank0(target_multipliers(full_d, anchors, slow, self.hops, self.config))
-        offsets = _broadcast_from_rank0(cascade_offsets(self.units, anchors, self.hops, self.config.max_hops))
+        targets = target_multipliers(full_d, anchors, slow, self.hops, self.config)
+        offsets = cascade_offsets(self.units, anchors, self.hops, self.config.max_hops)
+        return self.set_targets(targets, offsets)
+
+    def set_targets(self, targets: Mapping[str, float], offsets: Mapping[str, float] | None = None) -> dict[str, float]:
+        """Move toward explicit targets (same lerp and ramp as `update`); e.g. the random-LR ablation."""
+        targets = _broadcast_from_rank0({u: float(targets.get(u, 1.0)) for u in self.units})
+        offsets = _broadcast_from_rank0({u: float((offsets or {}).get(u, 0.0)) for u in self.units})
         current = self.multipliers()
         r = self.config.smooth_rate
         self.start = current

@@ -179,6 +179,13 @@ class SurgeUpdate:
     replay: list[ReplayResult] = field(default_factory=list)
 
 
+def random_targets(units: Sequence[str], shock_rate: float, seed: int) -> dict[str, float]:
+    """Log-uniform per-unit multipliers in [1/shock_rate, shock_rate] (the random-LR ablation)."""
+    generator = torch.Generator().manual_seed(seed)
+    exponents = torch.rand(len(units), generator=generator, dtype=torch.float64) * 2 - 1
+    return {u: float(shock_rate ** e) for u, e in zip(units, exponents)}
+
+
 @torch.no_grad()
 def student_statistics(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, store: FlavorStore,
                        options: CaptureOptions, shard_indices: Sequence[int], device: torch.device,
@@ -203,9 +210,12 @@ def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, 
                        replay_units: int, replay_steps: int, replay_lr: float, pre_change_layers: int,
                        post_change_layers: int, rank: int = 0, world_size: int = 1,
                        replay_params: Callable[[str], list[tuple[str, nn.Parameter]] | None] | None = None,
+                       controller_mode: str = "surge", random_seed: int = 0,
                        log: Callable[[str], None] = print) -> SurgeUpdate:
     """DESIGN §3 B–E for one epoch. Every rank calls it; statistics are all-reduced so all ranks agree.
 
+    controller_mode: "surge" (DESIGN §3 D), "random" (ablation: log-uniform multipliers in
+    [1/shock_rate, shock_rate] drawn from `random_seed`) or "off" (every multiplier stays 1).
     Replay changes weights: every rank runs it on the same cached flavors, then the caller broadcasts the
     student's weights from rank 0 (see train.py) so tiny numerical differences cannot split the replicas.
     """
@@ -216,7 +226,14 @@ def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, 
     stats = accumulator.finalize()
     zones = find_zones(stats, rules)
     table = stats.as_dict()
-    targets = controller.update({u: row["d"] for u, row in table.items()}, zones.anchors, zones.slow)
+    if controller_mode == "surge":
+        targets = controller.update({u: row["d"] for u, row in table.items()}, zones.anchors, zones.slow)
+    elif controller_mode == "random":
+        targets = controller.set_targets(random_targets(unit_map.names, controller.config.shock_rate, random_seed))
+    elif controller_mode == "off":
+        targets = controller.multipliers()
+    else:
+        raise ValueError(f"controller_mode must be surge, random or off (got {controller_mode!r})")
     update = SurgeUpdate(table, zones, targets)
     if replay_units > 0 and replay_steps > 0:
         candidates = sorted(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import signal
 import sys
+import time
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -86,6 +87,10 @@ def train(cfg: TrainConfig) -> Path:
     samples_before = parts.sample_images(cfg, sources, student, student_module, data, "student_before",
                                          accelerator) if progress.global_step == 0 else None
 
+    clock = {"start": time.perf_counter(), "excluded": 0.0}  # wall time of training, evaluation excluded
+    if surge is not None and cfg.surge.eval_every_n_steps and progress.global_step == 0:
+        evaluate(surge, student_module, progress, accelerator, clock)
+
     # Ctrl-C or SIGTERM: finish the current step, save state, stop. A second Ctrl-C aborts at once.
     stop = {"requested": False}
 
@@ -133,6 +138,13 @@ def train(cfg: TrainConfig) -> Path:
                     bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
                     accelerator.log({f"loss/{k}": v for k, v in terms.items()} | parts.lr_logs(optimizer),
                                     step=progress.global_step)
+                    if surge is not None and cfg.surge.eval_every_n_steps \
+                            and progress.global_step % cfg.surge.eval_every_n_steps == 0:
+                        error = evaluate(surge, student_module, progress, accelerator, clock)
+                        if cfg.surge.target_teacher_mse and error <= cfg.surge.target_teacher_mse:
+                            log(f"held-out teacher-matching MSE {error:.5f} ≤ target {cfg.surge.target_teacher_mse}"
+                                f" at step {progress.global_step}: stopping")
+                            total_steps = progress.global_step
                     if cfg.save_every_n_steps and progress.global_step % cfg.save_every_n_steps == 0:
                         parts.save_model(cfg, trainable, student, f"{cfg.output_name}-step{progress.global_step:08d}",
                                          accelerator, progress)
@@ -140,7 +152,7 @@ def train(cfg: TrainConfig) -> Path:
                     break
             if progress.step_in_epoch >= len(data.sampler.rank_batches()):
                 end_of_epoch(cfg, surge, student, student_module, trainable, data, sources, progress, accelerator,
-                             total_steps, output_dir, log)
+                             total_steps, output_dir, clock, log)
     finally:
         bar.close()
         for s, handler in old_handlers.items():
@@ -186,6 +198,8 @@ def surge_update(cfg: TrainConfig, surge: parts.SurgeSetup, student_module, unit
         pre_change_layers=cfg.surge.pre_change_layers, post_change_layers=cfg.surge.post_change_layers,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
         replay_params=trainable.unit_params, log=log,
+        controller_mode="random" if cfg.surge.random_lr else "surge" if cfg.surge.controller else "off",
+        random_seed=cfg.seed * 1009 + epoch,
     )
     if update.replay and accelerator.num_processes > 1:
         for p in trainable.parameters():  # replicas must stay identical after replay
@@ -202,13 +216,12 @@ def surge_update(cfg: TrainConfig, surge: parts.SurgeSetup, student_module, unit
 
 def end_of_epoch(cfg: TrainConfig, surge, student, student_module, trainable, data, sources,  # noqa: ANN001
                  progress: TrainProgress, accelerator: Accelerator, total_steps: int, output_dir: Path,
-                 log) -> None:  # noqa: ANN001
+                 clock: dict, log) -> None:  # noqa: ANN001
     """Count the epoch, measure teacher matching, save (model + state) and sample as configured."""
     progress.epoch += 1
     progress.step_in_epoch = 0
-    if surge is not None:
-        error = parts.teacher_matching_error(student_module, surge, accelerator)
-        progress.history.eval.append({"step": progress.global_step, "teacher_mse": error})
+    if surge is not None and not cfg.surge.eval_every_n_steps:
+        error = evaluate(surge, student_module, progress, accelerator, clock)
         log(f"epoch {progress.epoch}: held-out teacher-matching MSE {error:.5f}")
     last = progress.global_step >= total_steps
     if cfg.save_every_n_epochs and progress.epoch % cfg.save_every_n_epochs == 0 and not last:
@@ -218,3 +231,15 @@ def end_of_epoch(cfg: TrainConfig, surge, student, student_module, trainable, da
             save_state(accelerator, progress, output_dir / f"{name}-state")
     if cfg.sample_every_n_epochs and progress.epoch % cfg.sample_every_n_epochs == 0 and not last:
         parts.sample_images(cfg, sources, student, student_module, data, f"e{progress.epoch:06d}", accelerator)
+
+
+def evaluate(surge: parts.SurgeSetup, student_module, progress: TrainProgress, accelerator: Accelerator,  # noqa: ANN001
+             clock: dict) -> float:
+    """Held-out teacher-matching MSE now; logged with the training wall time so far (evaluation excluded)."""
+    started = time.perf_counter()
+    error = parts.teacher_matching_error(student_module, surge, accelerator)
+    seconds = started - clock["start"] - clock["excluded"]
+    progress.history.eval.append({"step": progress.global_step, "teacher_mse": error, "seconds": round(seconds, 3)})
+    accelerator.log({"eval/teacher_mse": error}, step=progress.global_step)
+    clock["excluded"] += time.perf_counter() - started
+    return error

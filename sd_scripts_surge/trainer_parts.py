@@ -335,7 +335,8 @@ def build_loss(cfg: TrainConfig, unit_map: UnitMap, alphas_cumprod: torch.Tensor
         weights = LossWeights(task=1.0, out=0.0, traj=0.0)
         scales = None
     else:
-        weights = LossWeights(task=cfg.surge.w_task, out=cfg.surge.w_out, traj=cfg.surge.traj_weight)
+        weights = LossWeights(task=cfg.surge.w_task, out=cfg.surge.w_out, traj=cfg.surge.traj_weight,
+                              feature=cfg.surge.feature_weight)
         scales = surge.scales
     return DistillLoss(unit_map, alphas_cumprod, weights, scales=scales, v_prediction=cfg.v_parameterization,
                        min_snr_gamma=cfg.min_snr_gamma)
