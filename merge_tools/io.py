@@ -70,15 +70,15 @@ class TensorReader:
         itemsize = SAFETENSORS_DTYPES[info.dtype][1]
         stop = info.numel if stop is None else stop
         nbytes = (stop - start) * itemsize
-        buf = np.empty(nbytes, dtype=np.uint8)
-        view = memoryview(buf)
+        buf = torch.empty(nbytes, dtype=torch.uint8)  # torch's allocator (huge pages when enabled), not numpy's
+        view = memoryview(buf.numpy())
         offset, done = info.start + start * itemsize, 0
         while done < nbytes:  # preadv may return short counts on some filesystems
             got = os.preadv(self._fd, [view[done:]], offset + done)
             if got <= 0:
                 raise OSError(f"{self.path}: unexpected end of file reading tensor {key!r}")
             done += got
-        return torch.from_numpy(buf).view(info.torch_dtype)
+        return buf.view(info.torch_dtype)
 
 
 def file_fingerprint(path: str | os.PathLike, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
