@@ -204,7 +204,7 @@ def _align(root: Node, plan_shape: tuple[int, ...], params_of: Callable[[Node], 
 def _bytes_per_element(root: Node, readers_itemsize: Sequence[int], compute_size: int) -> int:
     per = sum(2 * s + compute_size for s in readers_itemsize) + 2
     for node in root.nodes():
-        per += (3 * len(node.inputs) + 4) * compute_size
+        per += node.spec.temporaries(len(node.inputs)) * compute_size
     return per
 
 
@@ -390,26 +390,34 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
     csize = compute.itemsize if hasattr(compute, "itemsize") else torch.empty(0, dtype=compute).element_size()
     itemsizes = [max((SAFETENSORS_DTYPES[t.dtype][1] for t in r.header.tensors.values()), default=2) for r in readers]
     per_el = _bytes_per_element(root, itemsizes, csize)
-    topk_reserve = 0
     merge_plans = [p for p in plans if p.mode == "merge"]
-    if merge_plans and _needs_topk_buffer(root, params_for(None)):
-        topk_reserve = max(p.numel for p in merge_plans) * 8
-    work = budget - baseline - _SLACK - topk_reserve
+    needs_topk = bool(merge_plans) and _needs_topk_buffer(root, params_for(None))
+    work = budget - baseline - _SLACK
     if work <= 0:
         raise MemoryError(
             f"memory budget {format_size(budget)} is below what this process already uses "
-            f"({format_size(baseline)}) plus the top-k buffer ({format_size(topk_reserve)}); raise --memory-budget"
+            f"({format_size(baseline)}); raise --memory-budget"
         )
-    max_chunk = max(work // per_el, 1)
-    if opts.max_chunk_elements:
-        max_chunk = min(max_chunk, opts.max_chunk_elements)
+    peak_work = 0
     peak_chunk = 0
     for p in merge_plans:
         p.align = _align(root, p.shape, params_for(p.block))
-        if p.numel <= max_chunk:
+        if p.numel * per_el <= work:  # one chunk: inputs read once; a top-k copy is among the temporaries
             p.chunk = p.numel
-        else:
-            p.chunk = max(max_chunk // p.align, 1) * p.align
+        else:  # chunked: TIES also holds one model's |τ| for the whole tensor (fp64) to select its threshold
+            reserve = p.numel * 8 if needs_topk else 0
+            avail = work - reserve
+            if avail < per_el * p.align:
+                raise MemoryError(
+                    f"tensor {p.key!r} ({p.numel:,} elements) needs at least "
+                    f"{format_size(reserve + per_el * p.align + baseline + _SLACK)} with this recipe; "
+                    f"raise --memory-budget (now {format_size(budget)})"
+                )
+            p.chunk = max((avail // per_el) // p.align, 1) * p.align
+        if opts.max_chunk_elements and p.chunk > opts.max_chunk_elements:
+            p.chunk = max(opts.max_chunk_elements // p.align, 1) * p.align
+        chunked = p.chunk < p.numel
+        peak_work = max(peak_work, min(p.chunk, p.numel) * per_el + (p.numel * 8 if chunked and needs_topk else 0))
         peak_chunk = max(peak_chunk, min(p.chunk, p.numel))
 
     # 3. metadata, output layout, journal identity
@@ -440,7 +448,7 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
     in_bytes = sum(sum(info.end - info.start for info in per.values()) for per in table.values())
     out_bytes = sum(e.nbytes for e in entries)
     passes = 1 + (2 if any(n.spec.prepare for n in root.nodes()) else 0)
-    est_peak = baseline + _SLACK + topk_reserve + peak_chunk * per_el
+    est_peak = baseline + _SLACK + peak_work
     est_s = in_bytes * passes / 1.0e9 + sum(p.numel for p in merge_plans) * len(models) * passes * 2e-9
     log(
         f"sd-merge: {root.method} over {len(models)} model(s), architecture {metadata['sd_merge_architecture']}, "

@@ -95,6 +95,8 @@ class MethodSpec:
     # linear: apply() promotes its inputs itself (the engine may pass leaves in their stored dtype), and the
     # output is finite exactly when every input is (so the NaN/Inf check can look at the output only)
     linear: bool = False
+    # compute-dtype temporaries per element alive at once, for n inputs (the engine's memory plan)
+    temporaries: Callable[[int], int] = field(default=lambda n: 3 * n + 4)
 
     def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(given) - set(self.params))
@@ -411,6 +413,7 @@ register(
         _weighted_sum,
         {"weights": None},
         min_models=1,
+        temporaries=lambda n: 3,
     )
 )
 register(
@@ -421,6 +424,7 @@ register(
         {},
         min_models=1,
         linear=True,
+        temporaries=lambda n: 2,
     )
 )
 register(
@@ -442,6 +446,7 @@ register(
         inputs=3,
         strength="alpha",
         linear=True,
+        temporaries=lambda n: 2,
     )
 )
 register(
@@ -452,6 +457,7 @@ register(
         {"lam": 1.0},
         inputs="base+models",
         strength="lam",
+        temporaries=lambda n: n + 2,
     )
 )
 
@@ -510,6 +516,7 @@ register(
         prepare=_ties_prepare,
         needs=lambda p: frozenset({"tensor"}) if p["k"] < 1.0 else frozenset(),
         strength="lam",
+        temporaries=lambda n: n + 5,
     )
 )
 register(
@@ -519,6 +526,7 @@ register(
         lambda x, ctx, s: _disjoint_mean(_deltas(x), "count").add_(x[0]),
         {},
         inputs="base+models",
+        temporaries=lambda n: n + 4,
     )
 )
 register(
@@ -593,6 +601,7 @@ register(
         prepare=_model_stock_prepare,
         needs=lambda p: frozenset({"row"} if p["per_channel"] else {"tensor"}),
         min_models=1,
+        temporaries=lambda n: 2 * n + 4,
     )
 )
 
@@ -611,6 +620,7 @@ register(
         dict(_GM_PARAMS),
         prepare=_gm_prepare,
         needs=_TENSOR,
+        temporaries=lambda n: n + 3,
     )
 )
 
@@ -689,5 +699,6 @@ register(
         prepare=_slerp_prepare,
         needs=_TENSOR,
         strength="t",
+        temporaries=lambda n: 4,
     )
 )

@@ -199,13 +199,35 @@ def test_memory_budget_below_process_size_is_a_clear_error(tmp_path: Path) -> No
 def test_small_budget_forces_chunks(tmp_path: Path) -> None:
     import psutil
 
-    paths = make_models(tmp_path, 2)
-    rss = psutil.Process().memory_info().rss
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(400, 1000, generator=g)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"b{i}.safetensors"
+        save_file({"big": (base + (0.05 * i) * torch.randn(base.shape, generator=g)).half()}, str(p))
+        paths.append(p)
     ref, small = tmp_path / "ref.safetensors", tmp_path / "small.safetensors"
     run("ties", paths, ref, {"k": 0.2})
-    # budget = current RSS + slack + top-k buffer + room for only a few thousand elements per chunk
-    run("ties", paths, small, {"k": 0.2}, memory_budget=rss + (64 << 20) + 9000 * 8 + 3_000_000)
+    seen = []
+
+    class Spy(engine.KeyEvaluator):
+        def prepare(self) -> None:
+            seen.append(len(self.plan.chunks))
+            super().prepare()
+
+    original = engine.KeyEvaluator
+    engine.KeyEvaluator = Spy
+    try:
+        # 400k elements need ~40 MB in one chunk; 16 MB above the process size forces a few chunks
+        run(
+            "ties", paths, small, {"k": 0.2}, memory_budget=psutil.Process().memory_info().rss + (64 << 20) + (16 << 20)
+        )
+    finally:
+        engine.KeyEvaluator = original
+    assert seen[0] > 1
     assert ref.read_bytes() == small.read_bytes()
+    with pytest.raises(MemoryError, match="tensor 'big'.*needs at least"):
+        run("ties", paths, small, {"k": 0.2}, memory_budget=psutil.Process().memory_info().rss + (64 << 20) + (1 << 20))
 
 
 def test_parse_size() -> None:
