@@ -230,3 +230,10 @@ def test_rebuild_gives_identical_bytes(tmp_path, tiny_kit):  # noqa: F811
         }
 
     assert digests(again.root) == digests(tiny_kit.root)
+
+
+def test_cli_build_reuses_valid_kit(tiny_kit, capsys):  # noqa: F811
+    stamp_before = tiny_kit.stamp_file.read_bytes()
+    assert tiny_main(["build", "--quick", "--quiet", "--cache_dir", str(tiny_kit.root)]) == 0
+    assert str(tiny_kit.teacher_dir) in capsys.readouterr().out
+    assert tiny_kit.stamp_file.read_bytes() == stamp_before  # nothing was rebuilt

@@ -506,7 +506,7 @@ def build_kit(
         clock = now
 
     paths = TinyKitPaths.under(root)
-    with deterministic():
+    with deterministic(), _quiet_transformers(not progress):
         make_dataset(paths.dataset_dir, seed=recipe.seed, num_shapes=recipe.num_shapes,
                      num_mixed=recipe.num_mixed, num_eval=recipe.num_eval,
                      final_dir=TinyKitPaths.under(final_root or root).dataset_dir)
@@ -562,6 +562,21 @@ def build_kit(
         lap("teacher_s")
     timings["total_s"] = round(time.perf_counter() - start, 2)
     return {**{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}, "timings": timings}
+
+
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool) -> Iterator[None]:
+    """transformers draws its own 'Writing model shards' bars; keep them off when progress is off."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _file_sizes(root: Path) -> dict[str, int]:
