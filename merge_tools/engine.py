@@ -8,9 +8,11 @@ its inputs are read once and kept for all passes. Peak memory is bounded by the 
 of models: only one chunk of each input is alive at a time (TIES with k < 1 also holds one model's |τ| for
 the largest tensor, in fp64, to select its exact top-k threshold).
 
-Memory budget accounting (per chunk element, compute dtype size c, stored dtype size s per input):
-inputs 2·s (read + prefetch) + c, per method node (3·n_inputs + 4)·c temporaries, output 2 bytes; minus the
-process' RSS at start and 64 MiB of slack. Results do not depend on the chunk size (see methods.py).
+Memory budget accounting (per chunk element; compute dtype size c, stored dtype size s per input):
+inputs 2·s (read + prefetch) + c, each method node ``spec.temporaries(n_inputs)``·c, output 2 bytes; the
+budget minus the process' RSS at start and 64 MiB of slack is what chunks may use. A tensor that fits is one
+chunk; a chunked tensor under TIES (k < 1) also reserves numel·8 bytes for the exact top-k selection.
+Results do not depend on the chunk size (see methods.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -546,7 +549,6 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
             if p.mode == "copy":
                 bar.update(OutputEntry(p.key, p.out_dtype, p.shape).nbytes)
             pending.append(p.key)
-            peak = max(peak, psutil.Process().memory_info().rss)
             if opts.on_key_done is not None:
                 opts.on_key_done(p.key, idx)
             if time.time() - last_flush > _JOURNAL_EVERY_S:
@@ -575,6 +577,7 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
     finalize(partial, output)
     journal_path.unlink(missing_ok=True)
     seconds = time.time() - t0
+    peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # true high-water mark (Linux: KiB)
     log(f"wrote {output} in {seconds:.1f} s, peak RSS {format_size(peak)} (budget {format_size(budget)})")
     return MergeReport(
         output,

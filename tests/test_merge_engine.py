@@ -304,3 +304,16 @@ merge(single_method("tgmd", {[str(p) for p in paths]!r}, {{}}), {str(out)!r},
     report = run("tgmd", paths, out, resume=True)
     assert report.resumed_keys >= 2
     assert out.read_bytes() == ref.read_bytes()
+
+
+def test_disk_space_is_checked_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    paths = make_models(tmp_path, 2)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(OSError, match="not enough disk space"):
+        run("soup", paths, out)
+    assert not out.exists() and not (tmp_path / ".o.safetensors.partial").exists()
