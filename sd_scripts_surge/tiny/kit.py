@@ -124,9 +124,13 @@ def default_cache_dir() -> Path:
 
 
 def recipe_hash(recipe: KitRecipe) -> str:
-    """Hash of the recipe and the architecture configs: change either and old kits are rebuilt."""
+    """Hash of the recipe, the architecture configs and the kit's own source: change any and kits are rebuilt."""
+    here = Path(__file__).parent
+    sources = {name: hashlib.sha256((here / name).read_bytes()).hexdigest()
+               for name in ("architecture.py", "dataset.py", "kit.py", "tokenizer.py")}
     facts = {
         "version": KIT_VERSION,
+        "sources": sources,
         "recipe": asdict(recipe),
         "unet": tiny_unet_config(),
         "vae": tiny_vae_config(),
