@@ -445,6 +445,18 @@ def _explicit_flags(argv: Sequence[str], parser: argparse.ArgumentParser) -> set
             if token.startswith("--") and token.split("=", 1)[0] in by_option}
 
 
+def _reject_unknown_flags(unknown: Sequence[str], parser: argparse.ArgumentParser) -> None:
+    flags = [token.split("=", 1)[0] for token in unknown if token.startswith("-")]
+    if not flags:
+        raise ConfigError(f"command line: unexpected value(s) {list(unknown)}; check the flag before them")
+    name = flags[0].lstrip("-")
+    if is_ignored_key(name):  # an sd-scripts flag we do not act on: say so instead of failing
+        raise ConfigError(f"command line: --{name} is an sd-scripts option this trainer does not use; "
+                          "remove it (in a --config_file TOML it would be accepted and ignored)")
+    valid = [opt.lstrip("-") for action in parser._actions for opt in action.option_strings if opt.startswith("--")]
+    raise ConfigError(f"command line: unknown flag {flags[0]}{_suggest(name, valid)}; run with --help for the list")
+
+
 def warn_ignored_once(ignored: dict[str, Any], where: str) -> None:
     new = sorted(set(ignored) - _warned_ignored)
     if new:
@@ -459,7 +471,9 @@ def parse_train_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _reject_unknown_flags(unknown, parser)
     merged = vars(args).copy()
     ignored: dict[str, Any] = {}
     source = "command line"

@@ -221,3 +221,31 @@ def test_every_design_flag_exists():
 def test_abbreviated_flags_are_rejected():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--learning", "1"])
+
+
+def test_unknown_cli_flag_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"--learning_rat\b.*did you mean 'learning_rate'"):
+        parse_train_args(["--learning_rat", "1e-4"])
+    with pytest.raises(ConfigError, match="huber_c.*does not use"):
+        parse_train_args(["--huber_c", "0.1"])
+
+
+def test_teacher_tables_round_trip_through_written_toml(tmp_path):
+    source = write(tmp_path / "in.toml", """
+[surge]
+num_seeds = 4
+[[surge.teachers]]
+path = "a.safetensors"
+loras = [{path = "l.safetensors", multiplier = 0.5}]
+timestep_range = [0, 500]
+[[surge.teachers]]
+path = "b.safetensors"
+weight = 0.5
+""")
+    first = parse_train_args(["--config_file", str(source)])
+    values = {f"surge_{k}": v for k, v in vars(first.surge).items() if k != "enabled"}
+    values.update(learning_rate=first.learning_rate, surge=first.surge.enabled)
+    out = config_module.write_config_file(values, tmp_path / "out.toml")
+    second = parse_train_args(["--config_file", str(out)])
+    assert second.surge == first.surge
+    assert [t.path for t in second.surge.teachers] == ["a.safetensors", "b.safetensors"]
