@@ -268,3 +268,16 @@ def test_iterate_yields_batches(tmp_path):
     batches = list(data.iterate(sampler))
     assert len(batches) == len(data.make_sampler())
     assert all(b.pixels is not None and b.time_ids.shape == (len(b.indices), 6) for b in batches)
+
+
+def test_tiny_kit_dataset_loads_through_the_pipeline(tmp_path):
+    from sd_scripts_surge.dataset_config import load_dataset_config
+    from sd_scripts_surge.tiny.dataset import make_dataset
+
+    root = make_dataset(tmp_path / "kit", num_shapes=6, num_mixed=2, num_eval=1)
+    datasets = load_dataset_config(root / "dataset.toml")
+    data = build_dataset(datasets=datasets, seed=0)
+    assert len(data.skipped) == 0 and len(data.records) == 8
+    assert all(r.caption and r.bucket == (64, 64) for r in data.records)  # square 64 px images
+    batch = next(data.iterate(data.make_sampler()))
+    assert batch.pixels.shape[1:] == (3, 64, 64) and len(batch.captions) <= datasets[0].batch_size
