@@ -579,12 +579,15 @@ def _model_stock_apply(x: list[Tensor], ctx: ChunkContext, t: float | None, per_
         return mean * t + base * (1.0 - t)
     r = ctx.row_len
     rows = torch.stack([d.view(-1, r) for d in _deltas(x)], dim=1)  # [rows, N, R]
-    g = torch.bmm(rows, rows.transpose(1, 2))  # per-row Gram, each row computed whole
+    n_rows = rows.shape[0]
+    if n_rows < _GRAM_MIN_BATCH:  # same kernel path whatever the number of rows in the chunk
+        rows = torch.cat([rows, rows.new_zeros(_GRAM_MIN_BATCH - n_rows, *rows.shape[1:])])
+    g = torch.bmm(rows, rows.transpose(1, 2))[:n_rows]  # per-row Gram, each row computed whole
     n = len(models)
     norms = torch.diagonal(g, dim1=1, dim2=2).clamp(min=0).sqrt().clamp(min=cos_eps)
     cos = g / (norms.unsqueeze(2) * norms.unsqueeze(1))
     iu = torch.triu_indices(n, n, 1)
-    c = cos[:, iu[0], iu[1]].mean(dim=1) if n > 1 else torch.ones(rows.shape[0], dtype=base.dtype)
+    c = cos[:, iu[0], iu[1]].mean(dim=1) if n > 1 else torch.ones(n_rows, dtype=base.dtype)
     denom = 1.0 + (n - 1) * c
     t_rows = torch.where(denom.abs() < 1e-12, torch.zeros_like(c), n * c / denom) if n > 1 else c
     t_el = t_rows.repeat_interleave(r)

@@ -229,3 +229,18 @@ def test_all_design_methods_registered() -> None:
         "slerp",
     ]:
         assert get(name).name == name
+
+
+def test_per_channel_model_stock_is_the_same_for_one_row_chunks() -> None:
+    spec = get("model_stock")
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(40, 300, generator=g, dtype=torch.float64) for _ in range(4)]
+    full = spec(xs, per_channel=True).reshape(-1)
+    flat = [x.reshape(-1) for x in xs]
+    for rows_per_chunk in (1, 3, 40):
+        parts = []
+        for r0 in range(0, 40, rows_per_chunk):
+            s, e = r0 * 300, min(40, r0 + rows_per_chunk) * 300
+            ctx = ChunkContext("k", (40, 300), s, e)
+            parts.append(spec.apply([f[s:e] for f in flat], ctx, None, per_channel=True, cos_eps=1e-6))
+        assert torch.equal(torch.cat(parts), full)
