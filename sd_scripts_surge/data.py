@@ -595,44 +595,59 @@ class SurgeDataset:
 
     # -- caching
     def cache_latents(self, vae: torch.nn.Module, to_disk: bool = False, cache_dir: str | Path | None = None,
-                      progress: bool = True) -> dict[str, int]:
-        """Encode every image once (reusing valid disk caches); drops images that fail to decode (counted).
-
-        Returns counts {"encoded", "reused", "skipped"}.
-        """
+                      progress: bool = True, batch_size: int = 4) -> dict[str, int]:
+        """Encode every image once (reusing valid disk caches), `batch_size` images of one bucket at a time;
+        images that fail to decode are dropped and counted. Returns counts {"encoded", "reused", "skipped"}."""
         from tqdm import tqdm
 
         vae_hash = module_fingerprint(vae) if to_disk else ""
         factor = 2 ** (len(getattr(vae.config, "block_out_channels", (0,) * 4)) - 1)
         channels = int(getattr(vae.config, "latent_channels", 4))
         counts = {"encoded": 0, "reused": 0, "skipped": 0}
-        kept = []
-        for record in tqdm(self.records, desc="caching latents", disable=not progress or len(self.records) < 16):
-            shape = (channels, record.bucket[1] // factor, record.bucket[0] // factor)
+        pending: dict[Size, list[tuple[ImageRecord, Path, dict[str, Any]]]] = {}
+        for record in self.records:
             key = _cache_key(record, vae_hash)
             path = latent_cache_path(record, Path(cache_dir) if cache_dir else None)
+            shape = (channels, record.bucket[1] // factor, record.bucket[0] // factor)
             cached = read_latent_cache(path, key, shape) if to_disk else None
             if cached is not None:
                 record.latents, record.latents_flipped = cached
                 counts["reused"] += 1
-                kept.append(record)
-                continue
-            try:
-                image = load_bucket_image(record.path, record.resized_size, record.crop_top_left, record.bucket)
-            except Exception as e:  # noqa: BLE001 - a file that fails to decode is skipped, not fatal
-                self.skipped.add(record.path, e)
-                counts["skipped"] += 1
-                continue
-            images = [image, image[:, ::-1].copy()] if record.subset.flip_aug else [image]
-            latents = encode_pixels(vae, to_pixels(images)).cpu()
-            record.latents = latents[0]
-            record.latents_flipped = latents[1] if record.subset.flip_aug else None
-            if to_disk:
-                write_latent_cache(path, key, record.latents, record.latents_flipped)
-            counts["encoded"] += 1
-            kept.append(record)
-        if counts["skipped"]:
-            self._drop_missing(kept)
+            else:
+                pending.setdefault(record.bucket, []).append((record, path, key))
+        failed: set[int] = set()
+        bar = tqdm(total=sum(len(v) for v in pending.values()), desc="caching latents",
+                   disable=not progress or len(self.records) < 16)
+        for jobs in pending.values():
+            for start in range(0, len(jobs), max(1, batch_size)):
+                chunk, images = [], []
+                for record, path, key in jobs[start:start + max(1, batch_size)]:
+                    try:
+                        image = load_bucket_image(record.path, record.resized_size, record.crop_top_left,
+                                                  record.bucket)
+                    except Exception as e:  # noqa: BLE001 - a file that fails to decode is skipped, not fatal
+                        self.skipped.add(record.path, e)
+                        failed.add(id(record))
+                        counts["skipped"] += 1
+                        continue
+                    chunk.append((record, path, key, len(images)))
+                    images += [image, image[:, ::-1].copy()] if record.subset.flip_aug else [image]
+                bar.update(len(jobs[start:start + max(1, batch_size)]))
+                if not images:
+                    continue
+                latents = encode_pixels(vae, to_pixels(images)).cpu()
+                if not torch.isfinite(latents).all():
+                    raise DataError(f"the VAE produced NaN/Inf latents for {chunk[0][0].path} (and its batch); "
+                                    "SDXL's VAE overflows in fp16: use --no_half_vae or an fp16-fixed VAE")
+                for record, path, key, at in chunk:
+                    record.latents = latents[at].clone()
+                    record.latents_flipped = latents[at + 1].clone() if record.subset.flip_aug else None
+                    if to_disk:
+                        write_latent_cache(path, key, record.latents, record.latents_flipped)
+                    counts["encoded"] += 1
+        bar.close()
+        if failed:
+            self._drop_missing([r for r in self.records if id(r) not in failed])
         self.latents_cached = True
         return counts
 

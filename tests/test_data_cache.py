@@ -182,3 +182,13 @@ def test_encode_pixels_uses_the_vae_scaling_factor(vae):
         raw = vae.encode(pixels).latent_dist.mode()
     torch.testing.assert_close(encode_pixels(vae, pixels), raw * vae.config.scaling_factor)
     torch.testing.assert_close(encode_pixels(vae, pixels, scaling_factor=1.0), raw)
+
+
+def test_non_finite_latents_are_an_error_not_a_cache(tmp_path):
+    broken = build_tiny_vae(0).eval()
+    with torch.no_grad():
+        broken.encoder.conv_in.weight[0, 0, 0, 0] = float("nan")
+    data = build_dataset(datasets=make_images(tmp_path))
+    with pytest.raises(ValueError, match="no_half_vae"):
+        data.cache_latents(broken, to_disk=True, progress=False)
+    assert not list(tmp_path.rglob("*.npz"))
