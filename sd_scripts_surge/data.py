@@ -3,7 +3,8 @@
 Rules (sd-scripts' behaviour unless said otherwise):
 - Images are the png/jpg/jpeg/webp/bmp files in each subset's `image_dir`; the caption is the first non-empty
   line of the file beside it with the subset's `caption_extension`, else the subset's `class_tokens`.
-  Every image appears `num_repeats` times per epoch.
+  Every image appears `num_repeats` times per epoch; regularisation subsets (`is_reg`) are cycled or cut to as
+  many entries as the training images have, and batches carry an `is_reg` mask (for prior_loss_weight).
 - Captions: prefix/suffix, then `shuffle_caption` shuffles the comma-separated tags except the first
   `keep_tokens` (or everything before `keep_tokens_separator`), then tag dropout and whole-caption dropout.
   All random choices are a function of (seed, epoch, entry), so a run is reproducible and resumable.
@@ -570,7 +571,7 @@ class SurgeDataset:
         self.datasets = datasets
         self.skipped = skipped
         self.seed = seed
-        self.entries = [i for i, r in enumerate(records) for _ in range(r.subset.num_repeats)]
+        self.entries = expand_entries(records)
         self.text_cache: TextEmbeddingCache | None = None
         self.latents_cached = False
 
@@ -656,7 +657,7 @@ class SurgeDataset:
             raise DataError(f"the dataset has no usable images; {self.skipped.summary(5)}")
         logger.warning(self.skipped.summary())
         self.records = kept
-        self.entries = [i for i, r in enumerate(kept) for _ in range(r.subset.num_repeats)]
+        self.entries = expand_entries(kept)
 
     def cache_text_embeddings(self, tokenizers: Sequence[Callable[..., Any]],
                               text_encoders: Sequence[torch.nn.Module], cache_dir: str | Path | None = None,
@@ -708,6 +709,18 @@ class SurgeDataset:
         epoch = sampler.epoch
         for entries in sampler:
             yield self.get_batch(entries, epoch)
+
+
+def expand_entries(records: Sequence[ImageRecord]) -> list[int]:
+    """Record index per entry: each training image `num_repeats` times; regularisation images (is_reg) are
+    cycled or cut so that there are as many reg entries as training entries, as sd-scripts does."""
+    train = [i for i, r in enumerate(records) if not r.subset.is_reg for _ in range(r.subset.num_repeats)]
+    reg = [i for i, r in enumerate(records) if r.subset.is_reg for _ in range(r.subset.num_repeats)]
+    if not train:
+        return reg
+    if reg:
+        reg = [reg[k % len(reg)] for k in range(len(train))]
+    return train + reg
 
 
 def _caption_varies(subset: SubsetConfig) -> bool:

@@ -281,3 +281,19 @@ def test_tiny_kit_dataset_loads_through_the_pipeline(tmp_path):
     assert all(r.caption and r.bucket == (64, 64) for r in data.records)  # square 64 px images
     batch = next(data.iterate(data.make_sampler()))
     assert batch.pixels.shape[1:] == (3, 64, 64) and len(batch.captions) <= datasets[0].batch_size
+
+
+def test_regularisation_images_balance_the_training_entries(tmp_path):
+    for i in range(3):
+        png(tmp_path / "train" / f"t{i}.png", (64, 64))
+    png(tmp_path / "reg" / "r0.png", (64, 64))
+    png(tmp_path / "reg" / "r1.png", (64, 64))
+    ds = DatasetConfig(subsets=[SubsetConfig(image_dir=tmp_path / "train", num_repeats=2, class_tokens="sks dog"),
+                                SubsetConfig(image_dir=tmp_path / "reg", is_reg=True, class_tokens="dog")],
+                       resolution=(64, 64), batch_size=4)
+    data = build_dataset(datasets=[ds])
+    reg_entries = [e for e in range(len(data)) if data.records[data.entries[e]].subset.is_reg]
+    assert len(data) == 12 and len(reg_entries) == 6  # 3 x 2 training entries, reg cycled to match
+    batch = data.get_batch(list(range(len(data))), epoch=0)
+    assert int(batch.is_reg.sum()) == 6
+    assert set(batch.captions) == {"sks dog", "dog"}
