@@ -25,3 +25,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+from tests.tiny_fixtures import tiny_kit  # noqa: E402,F401  (session fixture: a reduced tiny kit, built once)
