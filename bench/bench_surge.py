@@ -40,12 +40,14 @@ COMMON = [
     "--seed", "{seed}", "--max_train_steps", "{max_steps}", "--train_batch_size", "4",
     "--surge_eval_every_n_steps", "{eval_every}", "--surge_probes", "4", "--surge_num_seeds", "2",
     "--save_precision", "float", "--sample_every_n_epochs", "0",
+    # Pure distillation for every method: the metric is teacher matching, so no denoising term.
+    "--surge_w_task", "0", "--surge_w_out", "1",
 ]
 METHODS: dict[str, list[str]] = {
     "surge": ["--optimizer_type", "ADA_SURGE", "--optimizer_args", "relative_step=False", "scale_parameter=False",
               "warmup_init=False", "--lr_scheduler", "cascade", "--lr_scheduler_num_cycles", "2",
               "--lr_warmup_steps", "5", "--surge_traj_weight", "0.5", "--surge_replay_units", "2",
-              "--surge_replay_steps", "30"],
+              "--surge_replay_steps", "20"],
     "adamw_kd": ["--optimizer_type", "AdamW", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "5",
                  "--surge_controller", "false", "--surge_replay_units", "0", "--surge_traj_weight", "0"],
     "adafactor_kd": ["--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False",
@@ -78,8 +80,8 @@ def train_lora_teacher(kit, work: Path, steps: int) -> Path:
         return path
     argv = ["--pretrained_model_name_or_path", str(kit.base_dir), "--dataset_config", str(kit.dataset_toml),
             "--output_dir", str(out), "--output_name", "teacher_lora", "--surge", "false",
-            "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "8",
-            "--optimizer_type", "AdamW", "--learning_rate", "2e-3", "--max_train_steps", str(steps),
+            "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "16",
+            "--optimizer_type", "AdamW", "--learning_rate", "5e-3", "--max_train_steps", str(steps),
             "--train_batch_size", "4", "--seed", "7"]
     _quiet_accelerate()
     train(parse_train_args(argv))
@@ -163,13 +165,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--max_steps", type=int, default=150)
     parser.add_argument("--eval_every", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--target", type=float, default=0.6, help="threshold as a fraction of the start MSE")
     parser.add_argument("--tasks", default="a,b")
     parser.add_argument("--methods", default="surge,adamw_kd,adafactor_kd,bksdm")
     parser.add_argument("--ablations", default="surge_random_lr,surge_no_replay,surge_no_cascade")
     parser.add_argument("--work", default="bench/out/surge")
-    parser.add_argument("--lora_steps", type=int, default=200)
+    parser.add_argument("--lora_steps", type=int, default=100)
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
