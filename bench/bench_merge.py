@@ -127,6 +127,7 @@ class RunResult:
     peak_anon_gb: float = 0.0
     returncode: int | None = None
     timed_out: bool = False
+    load_avg: float = 0.0  # 1-minute load average of the machine at the end of the run
     log_tail: str = ""
 
 
@@ -181,6 +182,7 @@ def run_measured(tool: str, cmd: list[str], timeout_s: float, log_path: Path) ->
         done.set()
         poller.join()
     result.peak_rss_gb, result.peak_anon_gb = peaks[0] / 2**30, peaks[1] / 2**30
+    result.load_avg = os.getloadavg()[0]
     text = log_path.read_bytes().decode(errors="replace").replace("\r", "\n")
     result.log_tail = "\n".join(line for line in text.splitlines()[-15:] if line.strip())
     return result
@@ -281,8 +283,10 @@ def run_case(case: Case, args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{case.arch}_n{case.n}_{case.method}"
     ours_out, mecha_out = out_dir / f"{stem}_ours.safetensors", out_dir / f"{stem}_mecha.safetensors"
-    for p in (ours_out, mecha_out):
-        p.unlink(missing_ok=True)
+    if not args.skip_ours:
+        ours_out.unlink(missing_ok=True)
+    if not args.skip_mecha:
+        mecha_out.unlink(missing_ok=True)
     inputs = [str(p) for p in models]
     ours_cmd = [
         str(OUR_PYTHON), "-m", "merge_tools", *OUR_ARGS[case.method],
@@ -311,10 +315,11 @@ def run_case(case: Case, args: argparse.Namespace) -> None:
         setattr(case, tool, result)
         status = "TIMEOUT" if result.timed_out else f"rc={result.returncode}"
         print(f"[{stem}] {tool}: {result.wall_s:.1f} s, peak RSS {result.peak_rss_gb:.2f} GB "
-              f"(anon {result.peak_anon_gb:.2f} GB), {status}", flush=True)
+              f"(anon {result.peak_anon_gb:.2f} GB), {status}, load avg {result.load_avg:.1f}", flush=True)
         if result.returncode and not result.timed_out:
             print(result.log_tail, flush=True)
-    if ours_out.is_file() and mecha_out.is_file():
+    failed = [r for r in (case.ours, case.mecha) if r is not None and (r.timed_out or r.returncode)]
+    if ours_out.is_file() and mecha_out.is_file() and not failed:
         case.comparison = compare_outputs(ours_out, mecha_out)
         c = case.comparison
         print(f"[{stem}] max |ours - mecha| = {c.max_abs_diff:.3g} ({c.max_ulp_diff:.1f} fp16 ulp) at "
