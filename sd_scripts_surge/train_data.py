@@ -10,7 +10,14 @@
   as `.npz` beside the image, keyed by bucket size and a VAE hash, reused when valid, rebuilt when not.
 - Text embeddings (SDXL: context = concat(TE1, TE2 penultimate hidden states), pooled = TE2 projection)
   are cached per caption; with shuffle_caption, captions are shuffled per epoch (keep_tokens kept first)
-  and encoded per batch.
+  and encoded per batch. With keep_tokens_separator (sd-scripts' "|||"), the part before it is kept in
+  place and keep_tokens is ignored, as in sd-scripts. caption_prefix/suffix are added around the caption.
+- Latents are encoded in chunks of up to 8 images of one bucket per VAE call. A corrupt or truncated `.npz`
+  is re-encoded; the `.npz` is written to a temporary name and renamed into place.
+- Deliberate differences from sd-scripts: the nearest bucket is chosen by log aspect ratio (sd-scripts uses
+  the plain ratio difference; the two only differ at ties), the cache file is
+  `{stem}_{w}x{h}_surge.npz` (sd-scripts: `{stem}.npz` / `{stem}_{w}x{h}_sdxl.npz`) so it never collides
+  with an sd-scripts cache made by another VAE, and shuffle order comes from sha256(name, epoch, seed).
 - The order of batches is a function of (seed, epoch): a resumed run skips the batches already done and
   sees exactly the rest.
 """
@@ -20,7 +27,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import random
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +109,23 @@ def read_caption(image: Path, subset: SubsetConfig) -> str:
     return subset.class_tokens or ""
 
 
-def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
-    """sd-scripts: comma-separated tags, the first `keep_tokens` stay in place, the rest are shuffled."""
+def decorate_caption(caption: str, subset: SubsetConfig) -> str:
+    """Add the subset's caption_prefix / caption_suffix (sd-scripts joins them with ", ")."""
+    parts = [p for p in (subset.caption_prefix.strip(), caption, subset.caption_suffix.strip()) if p]
+    return ", ".join(parts)
+
+
+def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random, separator: str = "") -> str:
+    """sd-scripts: comma-separated tags, the first `keep_tokens` stay in place, the rest are shuffled.
+
+    With `separator` in the caption, everything before it is kept (in order) and keep_tokens is ignored.
+    """
+    if separator and separator in caption:
+        fixed, rest = caption.split(separator, 1)
+        head = [t.strip() for t in fixed.split(",") if t.strip()]
+        tail = [t.strip() for t in rest.split(",") if t.strip()]
+        rng.shuffle(tail)
+        return ", ".join(head + tail)
     tags = [t.strip() for t in caption.split(",")]
     head, tail = tags[:keep_tokens], tags[keep_tokens:]
     rng.shuffle(tail)
@@ -111,7 +135,8 @@ def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
 def scan_subset(subset: SubsetConfig, buckets: list[tuple[int, int]] | None, resolution: tuple[int, int],
                 skipped: list[str]) -> list[ImageItem]:
     if not subset.image_dir.is_dir():
-        raise FileNotFoundError(f"dataset subset image_dir {subset.image_dir} does not exist")
+        raise FileNotFoundError(f"dataset subset image_dir {subset.image_dir} does not exist or is not a folder; "
+                                "fix image_dir in the dataset config (or --train_data_dir)")
     items = []
     for path in sorted(p for p in subset.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
         try:
@@ -123,7 +148,10 @@ def scan_subset(subset: SubsetConfig, buckets: list[tuple[int, int]] | None, res
             skipped.append(f"{path} ({type(e).__name__}: {e})")
             continue
         bucket = nearest_bucket(size, buckets) if buckets else resolution
-        items.append(ImageItem(path, read_caption(path, subset), subset, bucket, size))
+        if size[0] < 1 or size[1] < 1:
+            skipped.append(f"{path} (empty image {size[0]}x{size[1]})")
+            continue
+        items.append(ImageItem(path, decorate_caption(read_caption(path, subset), subset), subset, bucket, size))
     return items
 
 
@@ -231,21 +259,50 @@ def _load_cached(item: ImageItem, vae_hash: str) -> torch.Tensor | None:
             if str(data["vae"]) != vae_hash or tuple(data["crop"]) != item.crop_top_left:
                 return None
             return torch.from_numpy(data["latents"].copy())
-    except (OSError, KeyError, ValueError, EOFError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         logger.warning("latent cache %s is corrupt; re-encoding", path)
         return None
 
 
+def _save_cached(item: ImageItem, vae_hash: str) -> None:
+    path = _disk_cache_path(item)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez(tmp, latents=item.latents.numpy(), vae=vae_hash, crop=np.array(item.crop_top_left))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+ENCODE_CHUNK = 8
+
+
 @torch.no_grad()
 def encode_latents(items: list[ImageItem], vae: torch.nn.Module, device: torch.device, to_disk: bool,
-                   progress: bool = True) -> None:
-    """Fill `item.latents` (scaled by the VAE's scaling factor); reuse/refresh the `.npz` caches on disk."""
+                   progress: bool = True, chunk: int = ENCODE_CHUNK) -> None:
+    """Fill `item.latents` (scaled by the VAE's scaling factor); reuse/refresh the `.npz` caches on disk.
+
+    Images still to encode are grouped by bucket and encoded `chunk` at a time (one VAE call per chunk).
+    """
     from tqdm import tqdm
 
     vae_hash = vae_fingerprint(vae) if to_disk else ""
     scaling = float(vae.config.scaling_factor)
     param = next(vae.parameters())
-    for item in tqdm(items, desc="caching latents", disable=not progress or len(items) < 8):
+    todo: dict[tuple[int, int], list[tuple[ImageItem, Image.Image]]] = {}
+    bar = tqdm(total=len(items), desc="caching latents", disable=not progress or len(items) < 8)
+
+    def flush(group: list[tuple[ImageItem, Image.Image]]) -> None:
+        pixels = torch.stack([torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+                              for _, img in group])
+        latents = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode() * scaling
+        for (item, _), lat in zip(group, latents.float().cpu()):
+            item.latents = lat.clone()
+            if to_disk:
+                _save_cached(item, vae_hash)
+        bar.update(len(group))
+
+    for item in items:
         with Image.open(item.path) as image:
             rgb = image.convert("RGB")
         cropped, item.crop_top_left = resize_and_crop(rgb, item.bucket)
@@ -253,15 +310,17 @@ def encode_latents(items: list[ImageItem], vae: torch.nn.Module, device: torch.d
             cached = _load_cached(item, vae_hash)
             if cached is not None:
                 item.latents = cached
+                bar.update(1)
                 continue
-        pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-        latents = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode() * scaling
-        item.latents = latents[0].float().cpu()
-        if to_disk:
-            path = _disk_cache_path(item)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, latents=item.latents.numpy(), vae=vae_hash, crop=np.array(item.crop_top_left))
-            tmp.replace(path)
+        group = todo.setdefault(item.bucket, [])
+        group.append((item, cropped))
+        if len(group) >= chunk:
+            flush(group)
+            todo[item.bucket] = []
+    for group in todo.values():
+        if group:
+            flush(group)
+    bar.close()
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -309,7 +368,7 @@ class TrainData:
             return item.caption
         key = f"{item.path.name}:{self.sampler.epoch}:{self.sampler.seed}".encode()
         rng = random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
-        return shuffle_caption(item.caption, item.subset.keep_tokens, rng)
+        return shuffle_caption(item.caption, item.subset.keep_tokens, rng, item.subset.keep_tokens_separator)
 
     def batches(self, skip: int = 0) -> Iterator[Batch]:
         """This process's batches of the current epoch, after the first `skip`."""
@@ -345,7 +404,9 @@ def build_train_data(cfg: TrainConfig, dataset_config: str | None, train_data_di
     if skipped:
         log(f"skipped {len(skipped)} unreadable images:\n  " + "\n  ".join(skipped[:20]))
     if not items:
-        raise ValueError("the dataset has no readable images; check image_dir in the dataset config")
+        dirs = ", ".join(str(sub.image_dir) for ds in datasets for sub in ds.subsets)
+        raise ValueError(f"the dataset has no readable images (image_dir: {dirs}; {len(skipped)} unreadable "
+                         "files skipped); put .png/.jpg/.webp/.bmp images there or fix image_dir")
     device = accelerator.device
     bundle.vae.to(device)
     encode_latents(items, bundle.vae, device, cfg.cache_latents_to_disk, progress=accelerator.is_local_main_process)
