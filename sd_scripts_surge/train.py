@@ -145,9 +145,12 @@ def train(cfg: TrainConfig) -> Path:
                             log(f"held-out teacher-matching MSE {error:.5f} ≤ target {cfg.surge.target_teacher_mse}"
                                 f" at step {progress.global_step}: stopping")
                             total_steps = progress.global_step
-                    if cfg.save_every_n_steps and progress.global_step % cfg.save_every_n_steps == 0:
-                        parts.save_model(cfg, trainable, student, f"{cfg.output_name}-step{progress.global_step:08d}",
-                                         accelerator, progress)
+                    if cfg.save_every_n_steps and progress.global_step % cfg.save_every_n_steps == 0 \
+                            and progress.global_step < total_steps:
+                        name = f"{cfg.output_name}-step{progress.global_step:08d}"
+                        parts.save_model(cfg, trainable, student, name, accelerator, progress)
+                        if cfg.save_state:  # like sd-scripts: every saved model gets its state
+                            save_state(accelerator, progress, output_dir / f"{name}-state")
                 if progress.global_step >= total_steps or stop["requested"]:
                     break
             if progress.step_in_epoch >= len(data.sampler.rank_batches()):

@@ -1,0 +1,51 @@
+"""End to end: surge full fine-tune, plain fine-tune, diffusers output, epoch-numbered checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sd_scripts_surge.config import parse_train_args
+from sd_scripts_surge.models.io import load_model
+from sd_scripts_surge.train import train
+from tests.tiny_fixtures import tiny_kit  # noqa: F401
+from tests.train_helpers import unet_tensors, write_config
+
+
+@pytest.mark.slow
+def test_surge_full_fine_tune_writes_checkpoint_report_and_history(tiny_kit, tmp_path: Path) -> None:  # noqa: F811
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.toml", tiny_kit, out, steps=3)
+    final = train(parse_train_args(["--config_file", str(cfg)]))
+    assert final == out / "dev.safetensors" and final.exists()
+    keys = unet_tensors(final)
+    assert keys and all(k.startswith("model.diffusion_model.") for k in keys)
+
+    trained = load_model(str(final), dtype=torch.float32)
+    base = load_model(str(tiny_kit.base_dir), dtype=torch.float32)
+    assert trained.arch == "sdxl"
+    changed = [n for (n, a), (_, b) in zip(trained.unet.named_parameters(), base.unet.named_parameters())
+               if not torch.equal(a, b)]
+    assert changed, "training left every UNet weight as it was"
+
+    assert (out / "report" / "report.html").exists()
+    history = json.loads((out / "report" / "history.json").read_text())
+    text = json.dumps(history)
+    for term in ("task", "kd", "traj"):
+        assert f'"{term}"' in text, f"loss term {term} missing from history.json"
+    epochs = history["epochs"]
+    assert len(epochs) == 1 and epochs[0]["multipliers"]
+
+
+@pytest.mark.slow
+def test_plain_fine_tune_without_teacher_and_diffusers_output(tiny_kit, tmp_path: Path) -> None:  # noqa: F811
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.toml", tiny_kit, out, steps=2, surge=False)
+    final = train(parse_train_args(["--config_file", str(cfg), "--surge", "false", "--save_model_as", "diffusers"]))
+    assert final == out / "dev" and (final / "unet").is_dir()
+    assert load_model(str(final), dtype=torch.float32).arch == "sdxl"
+    history = json.loads((out / "report" / "history.json").read_text())
+    assert '"kd"' not in json.dumps(history)
