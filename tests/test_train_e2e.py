@@ -1,4 +1,4 @@
-"""End to end: surge full fine-tune, plain fine-tune, diffusers output, epoch-numbered checkpoints."""
+"""End to end: surge full fine-tune, plain fine-tune, diffusers output, a NaN loss skipped with LR back-off."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sd_scripts_surge import trainer_parts
 from sd_scripts_surge.config import parse_train_args
 from sd_scripts_surge.models.io import load_model
 from sd_scripts_surge.train import train
@@ -49,3 +50,37 @@ def test_plain_fine_tune_without_teacher_and_diffusers_output(tiny_kit, tmp_path
     assert load_model(str(final), dtype=torch.float32).arch == "sdxl"
     history = json.loads((out / "report" / "history.json").read_text())
     assert '"kd"' not in json.dumps(history)
+
+
+@pytest.mark.slow
+def test_nan_loss_skips_step_and_backs_off_lr(tiny_kit, tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: F811
+    calls = {"loss": 0}
+    captured: dict = {}
+    real_build_loss, real_build_scheduler = trainer_parts.build_loss, trainer_parts.build_scheduler
+
+    def nan_once_loss(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        loss_fn = real_build_loss(*args, **kwargs)
+
+        def call(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            calls["loss"] += 1
+            loss, terms = loss_fn(*a, **k)
+            if calls["loss"] == 2:
+                return loss * float("nan"), terms
+            return loss, terms
+        return call
+
+    def keep_scheduler(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        captured["scheduler"] = real_build_scheduler(*args, **kwargs)
+        captured["base_lrs"] = list(captured["scheduler"].base_lrs)
+        return captured["scheduler"]
+
+    monkeypatch.setattr(trainer_parts, "build_loss", nan_once_loss)
+    monkeypatch.setattr(trainer_parts, "build_scheduler", keep_scheduler)
+    cfg = write_config(tmp_path / "cfg.toml", tiny_kit, tmp_path / "out", steps=3, surge=False)
+    final = train(parse_train_args(["--config_file", str(cfg), "--surge", "false"]))
+
+    assert calls["loss"] == 4, "the skipped batch must not count as an optimizer step"
+    assert "loss is NaN/Inf; step skipped" in capsys.readouterr().out
+    assert captured["scheduler"].base_lrs == [lr * 0.5 for lr in captured["base_lrs"]]
+    weights = unet_tensors(final)
+    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
