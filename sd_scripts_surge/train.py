@@ -168,6 +168,7 @@ def train(cfg: TrainConfig) -> Path:
         accelerator.end_training()
         sys.exit(130)
 
+    write_rank_record(output_dir, controller, trainable, progress, accelerator)
     final = parts.save_model(cfg, trainable, student, cfg.output_name, accelerator, progress)
     if cfg.save_state:
         save_state(accelerator, progress, output_dir / f"{cfg.output_name}-state")
@@ -246,3 +247,23 @@ def evaluate(surge: parts.SurgeSetup, student_module, progress: TrainProgress, a
     accelerator.log({"eval/teacher_mse": error}, step=progress.global_step)
     clock["excluded"] += time.perf_counter() - started
     return error
+
+
+def write_rank_record(output_dir: Path, controller, trainable, progress: TrainProgress,  # noqa: ANN001
+                      accelerator: Accelerator) -> None:
+    """`ranks/rank{N}.json` from every process: multipliers, step and a hash of the trained weights.
+
+    Identical files across ranks show the replicas agree (the multi-process test reads them)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for p in trainable.parameters():
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    record = {"rank": accelerator.process_index, "world_size": accelerator.num_processes,
+              "global_step": progress.global_step, "multipliers": controller.multipliers(),
+              "targets": controller.targets, "weights_sha256": digest.hexdigest()}
+    folder = output_dir / "ranks"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{accelerator.process_index}.json").write_text(json.dumps(record, indent=1, sort_keys=True))
+    accelerator.wait_for_everyone()
