@@ -160,6 +160,29 @@ def summarize(runs: list[dict], task: str, target: float, max_steps: int) -> lis
     return lines
 
 
+def load_run(folder: Path) -> dict | None:
+    """A finished run's record from its folder (None if it did not finish)."""
+    history, manifest = folder / "report" / "history.json", folder / "flavors" / "manifest.json"
+    if not history.is_file():
+        return None
+    method, _, seed = folder.name.rpartition("-s")
+    capture = json.loads(manifest.read_text()).get("capture_seconds", 0.0) if manifest.is_file() else 0.0
+    return {"method": method, "seed": int(seed), "eval": json.loads(history.read_text())["eval"],
+            "capture_s": float(capture), "total_s": float("nan")}
+
+
+def summarize_folder(work: Path, target: float, max_steps: int) -> list[str]:
+    lines = []
+    for task_dir in sorted(p for p in (work / "runs").iterdir() if p.is_dir()):
+        runs = [r for r in (load_run(d) for d in sorted(task_dir.iterdir())) if r is not None]
+        order = list(METHODS) + list(ABLATIONS)
+        runs.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else 99, r["seed"]))
+        seeds = sorted({r["seed"] for r in runs})
+        lines.append(f"\n(task {task_dir.name}: seeds {seeds})")
+        lines += summarize(runs, task_dir.name, target, max_steps)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
@@ -172,7 +195,12 @@ def main() -> None:
     parser.add_argument("--ablations", default="surge_random_lr,surge_no_replay,surge_no_cascade")
     parser.add_argument("--work", default="bench/out/surge")
     parser.add_argument("--lora_steps", type=int, default=100)
+    parser.add_argument("--summarize_only", action="store_true",
+                        help="rebuild the tables from the finished runs under --work (e.g. after stopping early)")
     args = parser.parse_args()
+    if args.summarize_only:
+        print("\n".join(summarize_folder(Path(args.work), args.target, args.max_steps)))
+        return
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
     from sd_scripts_surge.tiny.kit import ensure_tiny_kit
