@@ -21,7 +21,7 @@ from torch import nn
 
 from .anchors import ZoneRules
 from .capture import CaptureOptions
-from .config import TrainConfig
+from .config import TrainConfig, parse_lora_arg
 from .controller import ControllerConfig, UnitLRController, build_unit_param_groups
 from .distill import DistillLoss, LossWeights, scales_from_flavors, trajectory_units
 from .flavors import FlavorStore, build_or_load_flavors, make_cache_key
@@ -30,7 +30,7 @@ from .models.bundle import ModelBundle
 from .models.io import load_model, precision_dtype, save_diffusers, save_single_file
 from .probes import ProbeSet, make_probes
 from .sampling import contact_sheet, decode_to_images, generate_latents, save_samples
-from .teachers import Teacher, TeacherSpec, build_teacher, teacher_fingerprint
+from .teachers import LoRARef, Teacher, TeacherSpec, build_teacher, teacher_fingerprint
 from .train_data import TrainData, build_train_data
 from .train_state import TrainProgress
 from .units import UnitMap, build_unit_map, hop_distances
@@ -89,7 +89,7 @@ def resolve_sources(cfg: TrainConfig, log: Callable[[str], None] = print) -> Sou
         teachers.append(TeacherSpec(path=_tiny(spec.path, kit), loras=spec.loras, weight=spec.weight,
                                     timestep_range=spec.timestep_range, name=spec.name))
     if cfg.teacher_model or cfg.teacher_lora:
-        loras = tuple(_lora_arg(item) for item in (cfg.teacher_lora or []))
+        loras = tuple(LoRARef(*parse_lora_arg(item)) for item in (cfg.teacher_lora or []))
         teachers.append(TeacherSpec(path=_tiny(cfg.teacher_model, kit), loras=loras))
     prompts: list[str] = []
     if cfg.sample_prompts:
@@ -103,19 +103,6 @@ def resolve_sources(cfg: TrainConfig, log: Callable[[str], None] = print) -> Sou
     if not sources.dataset_config and not sources.train_data_dir:
         raise ValueError("give --dataset_config (kohya dataset TOML) or --train_data_dir (folders NN_name)")
     return sources
-
-
-def _lora_arg(item: str):
-    """`path[:multiplier]` (a Windows drive letter is not a multiplier)."""
-    from .teachers import LoRARef
-
-    head, sep, tail = item.rpartition(":")
-    if sep and head and len(head) > 1:
-        try:
-            return LoRARef(head, float(tail))
-        except ValueError:
-            pass
-    return LoRARef(item, 1.0)
 
 
 def load_student(cfg: TrainConfig, sources: Sources) -> ModelBundle:
