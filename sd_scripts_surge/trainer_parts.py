@@ -52,7 +52,6 @@ class Sources:
     dataset_config: str | None
     train_data_dir: str | None
     tokenizer_dir: str | None = None
-    tokenizer_2_dir: str | None = None
     prompts: list[str] = field(default_factory=list)
     kit: object | None = None
 
@@ -97,7 +96,7 @@ def resolve_sources(cfg: TrainConfig, log: Callable[[str], None] = print) -> Sou
                    if line.strip() and not line.startswith("#")]
     sources = Sources(student=student, teachers=teachers, dataset_config=_tiny(cfg.dataset_config, kit),
                       train_data_dir=_tiny(cfg.train_data_dir, kit), tokenizer_dir=cfg.tokenizer_dir,
-                      tokenizer_2_dir=None, prompts=prompts, kit=kit_holder.get("kit"))
+                      prompts=prompts, kit=kit_holder.get("kit"))
     if sources.kit is not None and not prompts:
         sources.prompts = sources.kit.prompts_file.read_text().splitlines()[:4]
     if not sources.dataset_config and not sources.train_data_dir:
