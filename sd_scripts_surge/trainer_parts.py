@@ -244,7 +244,8 @@ def skip_nonfinite_step(optimizer: torch.optim.Optimizer, scheduler, progress: T
 
 
 def lr_logs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    return {f"lr/{g.get('unit', i)}": float(g["lr"]) * float(g.get("surge_scale", 1.0))
+    # AdaSurge keeps the scale actually in force in "surge_effective" ("surge_scale" is its target).
+    return {f"lr/{g.get('unit', i)}": float(g["lr"] or 0.0) * float(g.get("surge_effective", g.get("surge_scale", 1.0)))
             for i, g in enumerate(optimizer.param_groups)}
 
 
