@@ -9,10 +9,13 @@ Side by side in one run, on the tiny kit, same student, teacher, data and held-o
   ablations      surge_random_lr (random per-unit LRs), surge_no_replay, surge_no_cascade
 
 Tasks: (a) student = base, teacher = base + a LoRA trained on the data (hooked, never merged);
-       (b) pruned student (no mid block, BK-SDM-Base style, other weights from the teacher) vs full teacher.
+       (b) BK-SDM-Small student (one layer fewer per stage, no mid block, kept layers copied from the
+           teacher, units aligned stage by stage) vs the full teacher;
+       (a_large) task (a) on a second, larger tiny config (2x widths, deeper attention, pre-trained here).
 Metric: held-out noise-prediction MSE between student and teacher on fixed probes, measured every
 `--eval_every` steps; threshold = `--target` × the starting MSE. Reported per method: steps and wall
-seconds to the threshold (teacher capture included for surge), median over seeds, and the ratio to
+seconds to the threshold (teacher flavor capture charged to surge and its ablations only: the KD
+baselines do not need it), median over seeds, and the ratio to
 adamw_kd. Runs that never reach the threshold count as not reached (shown as ">max").
 
     python bench/bench_surge.py --seeds 5 --max_steps 150
@@ -72,14 +75,14 @@ def _quiet_accelerate() -> None:
         state._reset_state()
 
 
-def train_lora_teacher(kit, work: Path, steps: int) -> Path:
+def train_lora_teacher(kit, work: Path, steps: int, base: Path | None = None, name: str = "teacher_lora") -> Path:
     """Task (a)'s teacher: a LoRA trained on the data by our own trainer (plain fine-tune, no teacher)."""
-    out = work / "teacher_lora"
-    path = out / "teacher_lora.safetensors"
+    out = work / name
+    path = out / f"{name}.safetensors"
     if path.exists():
         return path
-    argv = ["--pretrained_model_name_or_path", str(kit.base_dir), "--dataset_config", str(kit.dataset_toml),
-            "--output_dir", str(out), "--output_name", "teacher_lora", "--surge", "false",
+    argv = ["--pretrained_model_name_or_path", str(base or kit.base_dir), "--dataset_config", str(kit.dataset_toml),
+            "--output_dir", str(out), "--output_name", name, "--surge", "false",
             "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "16",
             "--optimizer_type", "AdamW", "--learning_rate", "5e-3", "--max_train_steps", str(steps),
             "--train_batch_size", "4", "--seed", "7"]
@@ -89,23 +92,43 @@ def train_lora_teacher(kit, work: Path, steps: int) -> Path:
 
 
 def make_pruned_student(kit, work: Path) -> Path:
-    """Task (b)'s student: the teacher without its mid block (BK-SDM-Base), other weights copied."""
-    from diffusers import UNet2DConditionModel
+    """Task (b)'s student: BK-SDM-Small pruning of the teacher (one layer fewer per stage, no mid block),
+    every kept layer initialised from the teacher (`sd_scripts_surge.prune`)."""
+    from sd_scripts_surge.prune import prune_pipeline_folder
 
-    folder = work / "pruned_student"
+    folder = work / "pruned_student_bk_small"
     if (folder / "unet" / "config.json").exists():
         return folder
-    shutil.copytree(kit.teacher_dir, folder, dirs_exist_ok=True)
-    teacher = UNet2DConditionModel.from_pretrained(kit.teacher_dir, subfolder="unet")
-    config = dict(teacher.config)
-    config["mid_block_type"] = None
-    pruned = UNet2DConditionModel.from_config(config)
-    missing = pruned.load_state_dict({k: v for k, v in teacher.state_dict().items()
-                                      if not k.startswith("mid_block.")}, strict=True)
-    assert not missing.missing_keys
-    shutil.rmtree(folder / "unet")
-    pruned.save_pretrained(folder / "unet")
-    return folder
+    return prune_pipeline_folder(kit.teacher_dir, folder, layers_per_block=1, drop_mid=True)
+
+
+LARGE_UNET = {"block_out_channels": (64, 128, 128), "transformer_layers_per_block": (1, 2, 2),
+              "attention_head_dim": (2, 4, 8)}
+
+
+def make_large_base(kit, work: Path, steps: int) -> Path:
+    """The second, larger tiny config: 2× the widths and deeper attention, pre-trained from scratch by our own
+    trainer (plain fine-tune) on the kit's data for `steps` steps, written as a diffusers folder."""
+    from diffusers import UNet2DConditionModel
+
+    from sd_scripts_surge.tiny.architecture import tiny_unet_config
+
+    done = work / "large_base" / "large_base"
+    if (done / "unet" / "config.json").exists():
+        return done
+    init = work / "large_init"
+    shutil.rmtree(init, ignore_errors=True)
+    shutil.copytree(kit.base_dir, init, ignore=shutil.ignore_patterns("unet"))
+    torch.manual_seed(11)
+    UNet2DConditionModel.from_config({**tiny_unet_config(), **LARGE_UNET}).save_pretrained(init / "unet")
+    argv = ["--pretrained_model_name_or_path", str(init), "--dataset_config", str(kit.dataset_toml),
+            "--output_dir", str(work / "large_base"), "--output_name", "large_base", "--surge", "false",
+            "--save_model_as", "diffusers", "--optimizer_type", "AdamW", "--learning_rate", "1e-3",
+            "--lr_scheduler", "cosine", "--max_train_steps", str(steps), "--train_batch_size", "8", "--seed", "11",
+            "--sample_every_n_epochs", "0"]
+    _quiet_accelerate()
+    train(parse_train_args(argv))
+    return done
 
 
 def run_one(task: dict, method: str, extra: list[str], seed: int, args, work: Path) -> dict:
@@ -122,8 +145,14 @@ def run_one(task: dict, method: str, extra: list[str], seed: int, args, work: Pa
     total = time.perf_counter() - started
     history = json.loads((out / "report" / "history.json").read_text())
     manifest = json.loads((out / "flavors" / "manifest.json").read_text())
-    capture = float(manifest.get("capture_seconds", 0.0))
+    capture = float(manifest.get("capture_seconds", 0.0)) if uses_flavors(method) else 0.0
     return {"method": method, "seed": seed, "eval": history["eval"], "capture_s": capture, "total_s": total}
+
+
+def uses_flavors(method: str) -> bool:
+    """Surge and its ablations need the teacher's flavor cache; the KD baselines only need live teacher calls
+    (the trainer builds the cache for every run to get its held-out probes, but only surge is charged for it)."""
+    return method.startswith("surge")
 
 
 def reached(run: dict, threshold: float) -> tuple[int | None, float | None]:
@@ -166,7 +195,8 @@ def load_run(folder: Path) -> dict | None:
     if not history.is_file():
         return None
     method, _, seed = folder.name.rpartition("-s")
-    capture = json.loads(manifest.read_text()).get("capture_seconds", 0.0) if manifest.is_file() else 0.0
+    capture = json.loads(manifest.read_text()).get("capture_seconds", 0.0) \
+        if manifest.is_file() and uses_flavors(method) else 0.0
     return {"method": method, "seed": int(seed), "eval": json.loads(history.read_text())["eval"],
             "capture_s": float(capture), "total_s": float("nan")}
 
@@ -190,18 +220,21 @@ def main() -> None:
     parser.add_argument("--eval_every", type=int, default=10)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--target", type=float, default=0.6, help="threshold as a fraction of the start MSE")
-    parser.add_argument("--tasks", default="a,b")
+    parser.add_argument("--tasks", default="a,b,a_large",
+                        help="a: LoRA teacher; b: BK-SDM-Small pruned student; a_large: task a on the larger config")
     parser.add_argument("--methods", default="surge,adamw_kd,adafactor_kd,bksdm")
     parser.add_argument("--ablations", default="surge_random_lr,surge_no_replay,surge_no_cascade")
     parser.add_argument("--work", default="bench/out/surge")
     parser.add_argument("--lora_steps", type=int, default=100)
+    parser.add_argument("--large_base_steps", type=int, default=150, help="pre-training steps of the larger base")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: up to 2)")
     parser.add_argument("--summarize_only", action="store_true",
                         help="rebuild the tables from the finished runs under --work (e.g. after stopping early)")
     args = parser.parse_args()
     if args.summarize_only:
         print("\n".join(summarize_folder(Path(args.work), args.target, args.max_steps)))
         return
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
 
     from sd_scripts_surge.tiny.kit import ensure_tiny_kit
 
@@ -210,14 +243,20 @@ def main() -> None:
     kit = ensure_tiny_kit()
     data = ["--dataset_config", str(kit.dataset_toml)]
     tasks = []
-    if "a" in args.tasks.split(","):
+    wanted = args.tasks.split(",")
+    if "a" in wanted:
         lora = train_lora_teacher(kit, work, args.lora_steps)
         tasks.append({"name": "a_lora_teacher", "argv": ["--pretrained_model_name_or_path", str(kit.base_dir),
                                                           "--teacher_lora", f"{lora}:1.0"] + data})
-    if "b" in args.tasks.split(","):
+    if "b" in wanted:
         pruned = make_pruned_student(kit, work)
-        tasks.append({"name": "b_pruned_student", "argv": ["--pretrained_model_name_or_path", str(pruned),
+        tasks.append({"name": "b_bk_small_student", "argv": ["--pretrained_model_name_or_path", str(pruned),
                                                             "--teacher_model", str(kit.teacher_dir)] + data})
+    if "a_large" in wanted:
+        large = make_large_base(kit, work, args.large_base_steps)
+        lora = train_lora_teacher(kit, work, args.lora_steps, base=large, name="teacher_lora_large")
+        tasks.append({"name": "a_large_lora_teacher", "argv": ["--pretrained_model_name_or_path", str(large),
+                                                                "--teacher_lora", f"{lora}:1.0"] + data})
     chosen = {m: METHODS[m] for m in args.methods.split(",") if m}
     chosen |= {m: ABLATIONS[m] for m in args.ablations.split(",") if m}
     report = [f"# surge benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPU cores, "
@@ -234,9 +273,10 @@ def main() -> None:
         all_runs[task["name"]] = runs
         report += summarize(runs, task["name"], args.target, args.max_steps)
         print("\n".join(report), flush=True)
-    (work / "runs.json").write_text(json.dumps(all_runs, indent=1))
-    (work / "report.md").write_text("\n".join(report) + "\n")
-    print(f"\nwrote {work / 'report.md'}")
+    suffix = "-".join(wanted)
+    (work / f"runs-{suffix}.json").write_text(json.dumps(all_runs, indent=1))
+    (work / f"report-{suffix}.md").write_text("\n".join(report) + "\n")
+    print(f"\nwrote {work / f'report-{suffix}.md'}")
 
 
 if __name__ == "__main__":

@@ -104,7 +104,9 @@ class DistillLoss:
 
     def __init__(self, unit_map: UnitMap, alphas_cumprod: torch.Tensor, weights: LossWeights,
                  scales: dict[str, float] | None = None, v_prediction: bool = False,
-                 min_snr_gamma: float | None = None) -> None:
+                 min_snr_gamma: float | None = None, teacher_map: UnitMap | None = None) -> None:
+        """`teacher_map` locates the student's units in the teacher (`units.aligned_teacher_map`; default: the
+        student's own map, for a teacher of the same layout)."""
         self.alphas_cumprod = alphas_cumprod
         self.weights = weights
         self.v_prediction = v_prediction
@@ -112,6 +114,8 @@ class DistillLoss:
         use_traj = (weights.traj > 0 or weights.feature > 0) and scales
         self.traj_map = sub_unit_map(unit_map, [u for u in trajectory_units(unit_map) if u in (scales or {})]) \
             if use_traj else None
+        self.teacher_traj_map = None if self.traj_map is None else \
+            sub_unit_map(teacher_map or unit_map, self.traj_map.names)
         self.scales = scales or {}
         self._options = CaptureOptions(keep_graph=True, topk=1, head_stats=False, time_units=False)
 
@@ -137,7 +141,7 @@ class DistillLoss:
             with torch.no_grad():
                 if traj:
                     options = CaptureOptions(topk=1, head_stats=False, time_units=False)
-                    with UnitCapture(teacher_module, self.traj_map, options) as cap:
+                    with UnitCapture(teacher_module, self.teacher_traj_map, options) as cap:
                         t_pred = teacher(batch.unet_kwargs)
                         t_flavor = cap.take()
                 else:

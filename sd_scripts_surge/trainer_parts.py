@@ -23,6 +23,7 @@ from .anchors import ZoneRules
 from .capture import CaptureOptions
 from .config import TrainConfig, parse_lora_arg
 from .controller import ControllerConfig, UnitLRController, build_unit_param_groups
+from .data import TrainData, build_train_data
 from .distill import DistillLoss, LossWeights, scales_from_flavors, trajectory_units
 from .flavors import FlavorStore, build_or_load_flavors, make_cache_key
 from .losses import scaled_linear_alphas_cumprod
@@ -31,9 +32,8 @@ from .models.io import load_model, precision_dtype, save_diffusers, save_single_
 from .probes import ProbeSet, make_probes
 from .sampling import contact_sheet, decode_to_images, generate_latents, save_samples
 from .teachers import LoRARef, Teacher, TeacherSpec, build_teacher, teacher_fingerprint
-from .train_data import TrainData, build_train_data
 from .train_state import TrainProgress
-from .units import UnitMap, build_unit_map, hop_distances
+from .units import UnitMap, aligned_teacher_map, build_unit_map, hop_distances
 
 logger = logging.getLogger(__name__)
 TINY_PREFIX = "tiny:"
@@ -264,6 +264,7 @@ class SurgeSetup:
     replay_units: int
     replay_lr: float
     scales: dict[str, float]
+    teacher_map: UnitMap  # the student's units located in the teacher (differs for a depth-pruned student)
 
     def teacher_call(self, unet_kwargs: dict) -> torch.Tensor:
         return self.teacher.unet_forward(unet_kwargs["sample"], unet_kwargs["timestep"],
@@ -301,10 +302,14 @@ def build_surge(cfg: TrainConfig, sources: Sources, student: ModelBundle, unit_m
 
     options = CaptureOptions(pool_to=cfg.surge.flavor_resolution or None)
     capture_teacher = teacher_module if teacher_module is not None else teacher.unet
-    key = make_cache_key(capture_teacher, probes, unit_map, torch.float32, options, loras=teacher.lora_files())
+    teacher_map = aligned_teacher_map(unit_map, student.unet, capture_teacher)
+    if teacher_map is not unit_map:
+        log("the student has fewer layers than the teacher (pruned): its units are aligned with the teacher's stage "
+            "by stage (units.aligned_teacher_map)")
+    key = make_cache_key(capture_teacher, probes, teacher_map, torch.float32, options, loras=teacher.lora_files())
     key = type(key)(**{**key.__dict__, "teacher": teacher_fingerprint(teacher)})
     cache_dir = Path(cfg.surge.flavor_cache_dir or Path(cfg.output_dir) / "flavor_cache")
-    store = build_or_load_flavors(cache_dir, capture_teacher, unit_map, probes, key, batch_size=8, options=options,
+    store = build_or_load_flavors(cache_dir, capture_teacher, teacher_map, probes, key, batch_size=8, options=options,
                                   device=accelerator.device, log=log)
     replay_units = cfg.surge.replay_units
     if options.pool_to and replay_units:
@@ -313,7 +318,7 @@ def build_surge(cfg: TrainConfig, sources: Sources, student: ModelBundle, unit_m
     scales = scales_from_flavors(store, trajectory_units(unit_map))
     rules = ZoneRules()
     return SurgeSetup(teacher, teacher_module, probes, eval_probes, store, options, rules, replay_units,
-                      cfg.surge.replay_lr or (cfg.learning_rate * 0.1), scales)
+                      cfg.surge.replay_lr or (cfg.learning_rate * 0.1), scales, teacher_map)
 
 
 def build_loss(cfg: TrainConfig, unit_map: UnitMap, alphas_cumprod: torch.Tensor,
@@ -326,7 +331,7 @@ def build_loss(cfg: TrainConfig, unit_map: UnitMap, alphas_cumprod: torch.Tensor
                               feature=cfg.surge.feature_weight)
         scales = surge.scales
     return DistillLoss(unit_map, alphas_cumprod, weights, scales=scales, v_prediction=cfg.v_parameterization,
-                       min_snr_gamma=cfg.min_snr_gamma)
+                       min_snr_gamma=cfg.min_snr_gamma, teacher_map=surge.teacher_map if surge else None)
 
 
 @torch.no_grad()

@@ -292,3 +292,79 @@ def unit_of_module_path(unit_map: UnitMap) -> Callable[[str], str | None]:
         return None
 
     return lookup
+
+
+# ----------------------------------------------------------------------------- a deeper teacher (BK-SDM)
+
+
+def _stage_of(spec: UnitSpec) -> tuple:
+    """Which stage an mbw unit sits in: ("down", i), ("ds", i), ("mid",), ("up", i) or its own name."""
+    first = spec.modules[0]
+    parts = first.split(".")
+    if parts[0] == "down_blocks":
+        return ("ds" if parts[2] == "downsamplers" else "down", int(parts[1]))
+    if parts[0] == "up_blocks":
+        return ("up", int(parts[1]))
+    if parts[0] == "mid_block":
+        return ("mid",)
+    return (spec.name,)
+
+
+def _same_layout(student: nn.Module, teacher: nn.Module) -> bool:
+    keys = ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
+            "transformer_layers_per_block", "mid_block_type")
+    return all(student.config.get(k) == teacher.config.get(k) for k in keys)
+
+
+def _merge_range(name: str, layers: list[UnitSpec], skip_from: str | None) -> UnitSpec:
+    """One unit standing for several consecutive teacher layers: input of the first, output of the last."""
+    return UnitSpec(name, layers[0].kind, tuple(m for u in layers for m in u.modules), layers[0].input_at,
+                    layers[-1].output_at, attention=tuple(a for u in layers for a in u.attention),
+                    needs=tuple(dict.fromkeys(n for u in layers for n in u.needs)),
+                    side_points=tuple(p for u in layers for p in u.side_points), skip_from=skip_from)
+
+
+def aligned_teacher_map(student_map: UnitMap, student: nn.Module, teacher: nn.Module) -> UnitMap:
+    """The student's unit map expressed on a deeper teacher, unit names kept (for depth-pruned students).
+
+    Same layout: the student's map itself. Otherwise (a BK-SDM-style student with fewer layers per stage
+    and/or no mid block, same widths) each stage's layers are paired: student layer 0 stands for teacher
+    layers 0..n_t−n_s, student layer j > 0 for teacher layer j + n_t − n_s, so every unit's output is
+    compared where the same tensor shape and role appear in the teacher and the last layer of every stage
+    (which takes the stage-input skip on the up side) meets the teacher's last layer. A teacher mid block
+    the student lacks is folded into the student's last down-side unit: its output is what the first
+    up-side layer receives in both networks. Only the ``mbw`` map can be aligned.
+    """
+    if _same_layout(student, teacher):
+        return student_map
+    if student_map.name != "mbw":
+        raise ValueError(f"the student's layout differs from the teacher's (a pruned student): use unit map 'mbw' "
+                         f"(--surge_unit_map mbw), not {student_map.name!r}")
+    if tuple(student.config.block_out_channels) != tuple(teacher.config.block_out_channels) or \
+            tuple(student.config.down_block_types) != tuple(teacher.config.down_block_types):
+        raise ValueError("only depth-pruned students can learn from a different teacher: the block types and "
+                         f"widths must match (student {tuple(student.config.block_out_channels)}, teacher "
+                         f"{tuple(teacher.config.block_out_channels)})")
+    teacher_map = mbw_unit_map(teacher)
+    t_stages: dict[tuple, list[UnitSpec]] = {}
+    for spec in teacher_map.units:
+        t_stages.setdefault(_stage_of(spec), []).append(spec)
+    s_stages: dict[tuple, list[UnitSpec]] = {}
+    for spec in student_map.units:
+        s_stages.setdefault(_stage_of(spec), []).append(spec)
+    aligned: dict[str, UnitSpec] = {}
+    for stage, s_layers in s_stages.items():
+        t_layers = t_stages.get(stage)
+        if not t_layers or len(t_layers) < len(s_layers):
+            raise ValueError(f"student stage {stage} has {len(s_layers)} layers, the teacher "
+                             f"{len(t_layers or [])}: a student may only have fewer layers than its teacher")
+        extra = len(t_layers) - len(s_layers)
+        for j, spec in enumerate(s_layers):
+            chosen = t_layers[: extra + 1] if j == 0 else [t_layers[j + extra]]
+            aligned[spec.name] = _merge_range(spec.name, chosen, spec.skip_from)
+    if ("mid",) in t_stages and ("mid",) not in s_stages:
+        last_down = [u.name for u in student_map.units if _stage_of(u)[0] in ("down", "ds")][-1]
+        aligned[last_down] = _merge_range(last_down, [aligned[last_down]] + t_stages[("mid",)],
+                                          aligned[last_down].skip_from)
+    units = tuple(aligned[name] for name in student_map.names)
+    return UnitMap(f"mbw->{teacher_map.name}", units, student_map.skips)
