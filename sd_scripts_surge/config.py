@@ -663,6 +663,8 @@ def validate(c: TrainConfig, where: str) -> None:
     need(c.save_model_as in ("safetensors", "diffusers", "ckpt"), "save_model_as",
          "must be safetensors, diffusers or ckpt")
     need(c.save_model_as != "ckpt", "save_model_as", "ckpt (pickle) is not written by this trainer; use safetensors")
+    need(c.block_lr is None or not c.network_module, "block_lr",
+         "applies to a full fine-tune (as in sdxl_train.py), not to LoRA training; drop it or network_module")
     s = c.surge
     need(s.shock_rate >= 1, "surge_shock_rate", f"must be ≥ 1 (got {s.shock_rate})")
     need(0 < s.smooth_rate <= 1, "surge_smooth_rate", f"must be in (0, 1] (got {s.smooth_rate})")
