@@ -1,29 +1,40 @@
-"""Training data: images + captions → aspect-ratio buckets → (cached) latents and text embeddings → batches.
+"""Training data: images + captions → aspect-ratio buckets → cached latents and text embeddings → batches.
 
-Rules (sd-scripts' behaviour unless said otherwise):
+The one data pipeline of the trainer (`build_train_data` → `TrainData`) and of the tools and tests that need
+images without models (`build_dataset` → `SurgeDataset`). Rules (sd-scripts' behaviour unless said otherwise):
 - Images are the png/jpg/jpeg/webp/bmp files in each subset's `image_dir`; the caption is the first non-empty
   line of the file beside it with the subset's `caption_extension`, else the subset's `class_tokens`.
   Every image appears `num_repeats` times per epoch; regularisation subsets (`is_reg`) are cycled or cut to as
   many entries as the training images have, and batches carry an `is_reg` mask (for prior_loss_weight).
-- Captions: prefix/suffix, then `shuffle_caption` shuffles the comma-separated tags except the first
-  `keep_tokens` (or everything before `keep_tokens_separator`), then tag dropout and whole-caption dropout.
-  All random choices are a function of (seed, epoch, entry), so a run is reproducible and resumable.
+- Captions, per (seed, epoch, entry) — never from a global RNG, so a resumed run sees the same captions:
+  `caption_prefix`/`caption_suffix` joined with a space (as sd-scripts does; write "masterpiece, " to get a
+  comma), then whole-caption dropout (`caption_dropout_rate`, and every `caption_dropout_every_n_epochs`-th
+  epoch counted from 1 like sd-scripts), then `shuffle_caption` of the tags after the first `keep_tokens` (or of
+  the text between `keep_tokens_separator`s: before the first is fixed, after a second is a fixed suffix), then
+  `caption_tag_dropout_rate` on those same flexible tags. Deliberate difference: without shuffle/tag dropout
+  sd-scripts leaves the separator in the text; we replace it with a comma.
 - Buckets: (width, height) with sides multiples of `bucket_reso_steps` in [min, max] and area ≤ resolution²
   (plus the square base bucket); an image goes to the bucket whose aspect ratio is nearest (exact
   arithmetic; ties → the larger area). `bucket_no_upscale` makes the bucket the image size (scaled down to the
   area if larger) rounded down to the steps. Without buckets every image goes to `resolution`.
-  Images are resized to cover the bucket, then centre-cropped (`random_crop`: a crop position fixed per image
-  by the seed, so the latents stay cacheable). SDXL time ids are
+  Images are resized to cover the bucket, then centre-cropped. SDXL time ids are
   (original h, original w, crop top, crop left, target h, target w), crop measured on the resized image.
-- Latents (× the VAE's scaling factor, 0.13025 for SDXL) are cached in memory, and with `to_disk` as `.npz`
-  beside the image (or in `cache_dir`), keyed by bucket size, crop, the image file's size/mtime and a VAE
-  fingerprint; a valid file is reused, a stale or corrupt one rebuilt.
+- Augmentations with cached latents (the trainer always caches them): `flip_aug` encodes each image and its
+  mirror once and picks one per (seed, epoch, entry), with the crop's left edge mirrored in the time ids (like
+  sd-scripts' cached flipped latents). `random_crop` (sd-scripts refuses it with cached latents) picks a crop
+  position per image from the seed, fixed for the whole run. `color_aug` cannot be cached: a ConfigError.
+- Latents (× the VAE's scaling factor, 0.13025 for SDXL) are encoded in same-bucket chunks and cached in memory,
+  and with `to_disk` as `.npz` beside the image (or in `cache_dir`), keyed by bucket size, crop, the image
+  file's size/mtime and a VAE fingerprint; a valid file is reused, a stale or corrupt one rebuilt; files are
+  written to a temporary name and renamed into place.
 - Text embeddings: context = concat(TE1 penultimate, TE2 penultimate) hidden states, pooled = TE2's projected
-  embedding; cached per caption in memory and optionally on disk, keyed by a text-encoder fingerprint.
-- Unreadable, corrupt or missing images are skipped, counted and logged ("skipped N unreadable images: …");
-  a dataset that ends up empty is an error.
+  embedding. The text encoders are frozen, so a caption that is the same every epoch is encoded once and kept
+  (optionally on disk); captions that vary (shuffle, dropout) are encoded per batch and not kept.
+- Unreadable, corrupt, zero-byte or missing images are skipped, counted and logged ("skipped N unreadable
+  images: …"); a dataset that ends up empty is an error.
 - `BucketBatchSampler`: batches from one (dataset, bucket) group; the order is a function of (seed, epoch);
-  `state_dict()` holds (seed, epoch, position) so a resumed run sees exactly the remaining batches.
+  ranks take every world_size-th batch of the same list; `state_dict()` holds (seed, epoch, position), and
+  `TrainData.batches(skip=n)` gives exactly the rest of an epoch, so a resumed run sees the same batches.
 """
 
 from __future__ import annotations
@@ -33,17 +44,22 @@ import logging
 import math
 import random
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .dataset_config import DatasetConfig, SubsetConfig, dataset_config_from_folder, load_dataset_config
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from .models.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 
@@ -142,37 +158,59 @@ def read_caption(image_path: Path, subset: SubsetConfig) -> str:
     return subset.class_tokens or ""
 
 
-def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random, separator: str = "") -> str:
-    """Shuffle comma-separated tags; the first `keep_tokens` tags (or all text before `separator`) stay first."""
+def split_tags(caption: str, keep_tokens: int, separator: str = "") -> tuple[list[str], list[str], list[str]]:
+    """(fixed, flexible, fixed suffix) comma-separated tags. With `separator` in the caption the text before it
+    is fixed and, after a second separator, the rest is a fixed suffix (sd-scripts); else the first
+    `keep_tokens` tags are fixed. Only the flexible tags are shuffled or dropped."""
+
+    def tags(text: str) -> list[str]:
+        return [t.strip() for t in text.split(",") if t.strip()]
+
     if separator and separator in caption:
         fixed, _, rest = caption.partition(separator)
-        head = [t.strip() for t in fixed.split(",") if t.strip()]
-        tail = [t.strip() for t in rest.split(",") if t.strip()]
-    else:
-        tags = [t.strip() for t in caption.split(",") if t.strip()]
-        head, tail = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(tail)
-    return ", ".join(head + tail)
+        flexible, _, suffix = rest.partition(separator)
+        return tags(fixed), tags(flexible), tags(suffix)
+    everything = tags(caption)
+    return everything[:keep_tokens], everything[keep_tokens:], []
 
 
-def process_caption(caption: str, subset: SubsetConfig, rng: random.Random) -> str:
-    """The caption one training step sees: prefix/suffix, shuffle, tag dropout, caption dropout."""
-    if subset.caption_dropout_rate > 0 and rng.random() < subset.caption_dropout_rate:
-        return ""
-    text = ", ".join(t for t in (subset.caption_prefix.strip(" ,"), caption, subset.caption_suffix.strip(" ,")) if t)
-    needs_tags = subset.shuffle_caption or subset.caption_tag_dropout_rate > 0
-    if not needs_tags:
-        return text.replace(subset.keep_tokens_separator, ",") if subset.keep_tokens_separator else text
+def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random, separator: str = "") -> str:
+    """Shuffle comma-separated tags; the first `keep_tokens` tags (or all text before `separator`) stay first."""
+    fixed, flexible, suffix = split_tags(caption, keep_tokens, separator)
+    rng.shuffle(flexible)
+    return ", ".join(fixed + flexible + suffix)
+
+
+def caption_varies(subset: SubsetConfig) -> bool:
+    """True when the subset's captions change from epoch to epoch (so their embeddings cannot be cached)."""
+    return (subset.shuffle_caption or subset.caption_dropout_rate > 0 or subset.caption_tag_dropout_rate > 0
+            or subset.caption_dropout_every_n_epochs > 0)
+
+
+def process_caption(caption: str, subset: SubsetConfig, rng: random.Random | None, epoch: int = 0) -> str:
+    """The caption a training step of `epoch` (0-based) sees (order and rules: module docstring).
+
+    `rng` None gives the canonical caption: prefix/suffix only, no dropout, no shuffle."""
+    if subset.caption_prefix:
+        caption = f"{subset.caption_prefix} {caption}"
+    if subset.caption_suffix:
+        caption = f"{caption} {subset.caption_suffix}"
+    separator = subset.keep_tokens_separator
+    if rng is not None:
+        dropped = subset.caption_dropout_rate > 0 and rng.random() < subset.caption_dropout_rate
+        every = subset.caption_dropout_every_n_epochs
+        if dropped or (every > 0 and (epoch + 1) % every == 0):  # sd-scripts counts epochs from 1
+            return ""
+    if rng is None or not (subset.shuffle_caption or subset.caption_tag_dropout_rate > 0):
+        if separator and separator in caption:
+            return ", ".join(t for part in split_tags(caption, 0, separator) for t in part)
+        return caption
+    fixed, flexible, suffix = split_tags(caption, subset.keep_tokens, separator)
     if subset.shuffle_caption:
-        text = shuffle_caption(text, subset.keep_tokens, rng, subset.keep_tokens_separator)
-    elif subset.keep_tokens_separator:
-        text = text.replace(subset.keep_tokens_separator, ",")
+        rng.shuffle(flexible)
     if subset.caption_tag_dropout_rate > 0:
-        tags = [t.strip() for t in text.split(",") if t.strip()]
-        keep = subset.keep_tokens
-        tags = tags[:keep] + [t for t in tags[keep:] if rng.random() >= subset.caption_tag_dropout_rate]
-        text = ", ".join(tags)
-    return text
+        flexible = [t for t in flexible if rng.random() >= subset.caption_tag_dropout_rate]
+    return ", ".join(fixed + flexible + suffix)
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -326,9 +364,12 @@ def write_latent_cache(path: Path, key: dict[str, Any], latents: torch.Tensor, f
     if flipped is not None:
         arrays["latents_flipped"] = flipped.float().cpu().numpy()
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -406,20 +447,29 @@ class TextEmbeddingCache:
         path = self._file(caption)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as handle:
-            np.savez(handle, context=context.numpy(), pooled=pooled.numpy(), caption=np.array(caption),
-                     fingerprint=np.array(self.fingerprint))
-        tmp.replace(path)
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, context=context.numpy(), pooled=pooled.numpy(), caption=np.array(caption),
+                         fingerprint=np.array(self.fingerprint))
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
-    def fill(self, captions: Sequence[str], progress: bool = False) -> None:
-        """Make sure every caption is in memory (from disk when valid, else encoded)."""
+    def fill(self, captions: Sequence[str], progress: bool = False, store: bool = True
+             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(context, pooled) for every caption: from memory, from disk when valid, else encoded.
+
+        With `store` the new ones are kept (and written to disk); without, they are only returned: captions that
+        vary per epoch would otherwise grow the cache without end."""
+        found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         missing = []
         for caption in dict.fromkeys(captions):
             if caption in self.memory:
+                found[caption] = self.memory[caption]
                 continue
-            cached = self._read(caption) if self.cache_dir is not None else None
+            cached = self._read(caption) if store and self.cache_dir is not None else None
             if cached is not None:
-                self.memory[caption] = cached
+                found[caption] = self.memory[caption] = cached
             else:
                 missing.append(caption)
         from tqdm import tqdm
@@ -430,15 +480,17 @@ class TextEmbeddingCache:
             context, pooled = encode_prompts_sdxl(chunk, self.tokenizers, self.text_encoders)
             self.encoded += len(chunk)
             for i, caption in enumerate(chunk):
-                entry = (context[i].cpu().clone(), pooled[i].cpu().clone())
-                self.memory[caption] = entry
-                if self.cache_dir is not None:
-                    self._write(caption, *entry)
+                found[caption] = (context[i].cpu().clone(), pooled[i].cpu().clone())
+                if store:
+                    self.memory[caption] = found[caption]
+                    if self.cache_dir is not None:
+                        self._write(caption, *found[caption])
+        return found
 
-    def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, captions: Sequence[str], store: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(context (B, T, D), pooled (B, P)) on the CPU, in the order of `captions`."""
-        self.fill(captions)
-        contexts, pooled = zip(*(self.memory[c] for c in captions))
+        found = self.fill(captions, store=store)
+        contexts, pooled = zip(*(found[c] for c in captions))
         return torch.stack(contexts), torch.stack(pooled)
 
 
@@ -493,7 +545,7 @@ class BucketBatchSampler:
             rng.shuffle(batches)
         return batches
 
-    def epoch_batches(self, epoch: int | None = None) -> list[list[int]]:
+    def rank_batches(self, epoch: int | None = None) -> list[list[int]]:
         """This rank's batches of `epoch`."""
         epoch = self.epoch if epoch is None else epoch
         if self._cache is None or self._cache[0] != epoch:
@@ -506,14 +558,14 @@ class BucketBatchSampler:
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
-        return len(self.epoch_batches())
+        return len(self.rank_batches())
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its first batch."""
         self.epoch, self.position = int(epoch), 0
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self.epoch_batches()
+        batches = self.rank_batches()
         while self.position < len(batches):
             batch = batches[self.position]
             self.position += 1
@@ -557,6 +609,14 @@ class Batch:
         if self.pooled is None:
             raise ValueError("no text embeddings in this batch; call SurgeDataset.cache_text_embeddings first")
         return {"text_embeds": self.pooled, "time_ids": self.time_ids}
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch with its tensors on `device`."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device)
+        return Batch(**moved)
 
 
 class SurgeDataset:
@@ -662,24 +722,35 @@ class SurgeDataset:
     def cache_text_embeddings(self, tokenizers: Sequence[Callable[..., Any]],
                               text_encoders: Sequence[torch.nn.Module], cache_dir: str | Path | None = None,
                               progress: bool = True) -> TextEmbeddingCache:
-        """Encode the fixed captions now (shuffled/dropped-out ones are encoded per batch through the memo)."""
+        """Encode the captions that are the same every epoch now and keep them (the text encoders are frozen);
+        captions that vary (shuffle, dropout) are encoded per batch and not kept."""
         self.text_cache = TextEmbeddingCache(tokenizers, text_encoders, cache_dir)
-        fixed = [process_caption(r.caption, r.subset, random.Random(0)) for r in self.records
-                 if not _caption_varies(r.subset)]  # no randomness used: the caption every epoch sees
+        fixed = [self.canonical_caption(r) for r in self.records if not caption_varies(r.subset)]
         self.text_cache.fill(fixed, progress=progress)
         return self.text_cache
 
     # -- batches
     def caption_for(self, entry: int, epoch: int) -> str:
+        """The caption `entry` has in `epoch`: a function of (seed, epoch, entry) only."""
         record = self.records[self.entries[entry]]
-        return process_caption(record.caption, record.subset, _stable_rng("caption", self.seed, epoch, entry))
+        return process_caption(record.caption, record.subset, _stable_rng("caption", self.seed, epoch, entry), epoch)
+
+    @staticmethod
+    def canonical_caption(record: ImageRecord) -> str:
+        """The caption without random changes (prefix/suffix only): for probes and the text cache."""
+        return process_caption(record.caption, record.subset, None)
+
+    def flipped(self, entry: int, epoch: int) -> bool:
+        """Whether `entry` is mirrored in `epoch` (flip_aug subsets; a function of (seed, epoch, entry))."""
+        record = self.records[self.entries[entry]]
+        return record.subset.flip_aug and _stable_rng("flip", self.seed, epoch, entry).random() < 0.5
 
     def get_batch(self, entries: Sequence[int], epoch: int) -> Batch:
         """The batch for these entry indices in `epoch` (captions and flips depend on (seed, epoch, entry))."""
         records, kept, captions, time_ids, latents, pixels = [], [], [], [], [], []
         for entry in entries:
             record = self.records[self.entries[entry]]
-            flip = record.subset.flip_aug and _stable_rng("flip", self.seed, epoch, entry).random() < 0.5
+            flip = self.flipped(entry, epoch)
             if self.latents_cached:
                 latents.append(record.latents_flipped if flip else record.latents)
             else:
@@ -701,7 +772,7 @@ class SurgeDataset:
                       time_ids=torch.stack(time_ids), is_reg=torch.tensor([r.subset.is_reg for r in records]),
                       latents=torch.stack(latents) if latents else None, pixels=to_pixels(pixels) if pixels else None)
         if self.text_cache is not None:
-            batch.context, batch.pooled = self.text_cache(captions)
+            batch.context, batch.pooled = self.text_cache(captions, store=False)
         return batch
 
     def iterate(self, sampler: BucketBatchSampler) -> Iterator[Batch]:
@@ -721,10 +792,6 @@ def expand_entries(records: Sequence[ImageRecord]) -> list[int]:
     if reg:
         reg = [reg[k % len(reg)] for k in range(len(train))]
     return train + reg
-
-
-def _caption_varies(subset: SubsetConfig) -> bool:
-    return subset.shuffle_caption or subset.caption_dropout_rate > 0 or subset.caption_tag_dropout_rate > 0
 
 
 def build_dataset(cfg: TrainConfig | None = None, datasets: list[DatasetConfig] | None = None,
@@ -747,9 +814,11 @@ def build_dataset(cfg: TrainConfig | None = None, datasets: list[DatasetConfig] 
         if dataset.enable_bucket and not dataset.bucket_no_upscale:
             buckets = make_bucket_resolutions(dataset.resolution, dataset.min_bucket_reso, dataset.max_bucket_reso,
                                               dataset.bucket_reso_steps)
-        for subset in dataset.subsets:
+        for number, subset in enumerate(dataset.subsets, 1):
             if subset.color_aug:
-                logger.warning("%s: color_aug is not applied by this trainer", subset.image_dir)
+                raise ConfigError(f"dataset #{index + 1} subset #{number} ({subset.image_dir}): color_aug cannot be "
+                                  "used with cached latents, and this trainer always caches them (sd-scripts refuses "
+                                  "color_aug with cache_latents too); remove color_aug from that subset")
             records += scan_subset(subset, dataset, index, buckets, skipped, seed)
     if len(skipped):
         (log or logger.warning)(skipped.summary())
@@ -758,3 +827,119 @@ def build_dataset(cfg: TrainConfig | None = None, datasets: list[DatasetConfig] 
                f"{len(data.buckets)} buckets")
     (log or logger.info)(message)
     return data
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+
+
+class TrainData:
+    """What the training loop needs from the data: the dataset with cached latents and text embeddings, this
+    rank's sampler, and the prompt encoder, all on one device (see module docstring)."""
+
+    def __init__(self, dataset: SurgeDataset, sampler: BucketBatchSampler, text: TextEmbeddingCache,
+                 device: torch.device, latent_channels: int, vae_scale: int) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self.text = text
+        self.device = device
+        self.latent_channels = latent_channels
+        self.vae_scale = vae_scale
+
+    @property
+    def records(self) -> list[ImageRecord]:
+        return self.dataset.records
+
+    @property
+    def skipped(self) -> SkipLog:
+        return self.dataset.skipped
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """(height, width) of the first dataset's base resolution, for samples and probes."""
+        w, h = self.dataset.datasets[0].resolution
+        return h, w
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        h, w = self.resolution
+        return self.latent_channels, h // self.vae_scale, w // self.vae_scale
+
+    def time_ids_for(self, count: int) -> torch.Tensor:
+        """SDXL time ids of an uncropped image at the base resolution, `count` rows (CPU)."""
+        h, w = self.resolution
+        return sdxl_time_ids((w, h), (0, 0), (w, h)).expand(count, 6).clone()
+
+    def encode_prompts(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled) on the training device; prompts are kept in the cache (probes, samples)."""
+        context, pooled = self.text(list(captions))
+        return context.to(self.device), pooled.to(self.device)
+
+    def batches(self, skip: int = 0) -> Iterator[Batch]:
+        """This rank's batches of the sampler's current epoch after the first `skip`, on the training device.
+
+        Flips and captions are a function of (seed, epoch, entry), so `skip` after a resume gives exactly the
+        batches the uninterrupted run would have seen. The sampler's position follows what was handed out."""
+        epoch = self.sampler.epoch
+        for position, entries in enumerate(self.sampler.rank_batches(epoch)[skip:], start=skip):
+            self.sampler.position = position + 1
+            yield self.dataset.get_batch(entries, epoch).to(self.device)
+
+    def probe_examples(self, count: int) -> tuple[list[str], torch.Tensor]:
+        """Up to `count` distinct (canonical caption, latents) pairs from the most common bucket (CPU latents)."""
+        by_bucket: dict[Size, list[ImageRecord]] = {}
+        for record in self.dataset.records:
+            by_bucket.setdefault(record.bucket, []).append(record)
+        common = max(by_bucket.values(), key=len)
+        chosen = common[:: max(1, len(common) // count)][:count]
+        return [self.dataset.canonical_caption(r) for r in chosen], torch.stack([r.latents for r in chosen])
+
+
+LATENT_BATCH = 8  # images of one bucket per VAE call while caching
+
+
+def check_text_cache_rules(datasets: Sequence[DatasetConfig], cfg: TrainConfig) -> None:
+    """sd-scripts refuses cache_text_encoder_outputs when captions change per epoch; so do we (the message says
+    which subset and key). Without the flag, varying captions are simply encoded per batch."""
+    if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
+        return
+    for i, dataset in enumerate(datasets, 1):
+        for j, subset in enumerate(dataset.subsets, 1):
+            if caption_varies(subset):
+                keys = [k for k in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
+                                    "caption_dropout_every_n_epochs") if getattr(subset, k)]
+                raise ConfigError(f"dataset #{i} subset #{j} ({subset.image_dir}): {', '.join(keys)} change the "
+                                  "caption every epoch, so its text embeddings cannot be cached; remove "
+                                  "cache_text_encoder_outputs(_to_disk) or those keys")
+
+
+def build_train_data(cfg: TrainConfig, dataset_config: str | None, train_data_dir: str | None,
+                     bundle: ModelBundle, accelerator: Accelerator, log: Callable[[str], None]) -> TrainData:
+    """Scan the dataset (TOML, else NN_name folders), cache latents (and `.npz` files with
+    cache_latents_to_disk) and fixed captions' text embeddings, and make this rank's sampler."""
+    if bundle.tokenizer_1 is None or bundle.tokenizer_2 is None:
+        raise ValueError("the model has no tokenizers; give --tokenizer_dir (a folder with tokenizer/ and "
+                         "tokenizer_2/) for a single-file checkpoint")
+    if dataset_config:
+        datasets = load_dataset_config(dataset_config, cfg)
+    elif train_data_dir:
+        datasets = dataset_config_from_folder(train_data_dir, cfg)
+    else:
+        raise DataError("no training data: give --dataset_config (TOML) or --train_data_dir (NN_name folders)")
+    check_text_cache_rules(datasets, cfg)
+    dataset = build_dataset(datasets=datasets, seed=cfg.seed, log=log)
+    device = accelerator.device
+    bundle.vae.to(device)
+    skipped_before = len(dataset.skipped)
+    dataset.cache_latents(bundle.vae, to_disk=cfg.cache_latents_to_disk, progress=accelerator.is_local_main_process,
+                          batch_size=LATENT_BATCH)
+    if len(dataset.skipped) > skipped_before:
+        log(dataset.skipped.summary())
+    for module in (bundle.text_encoder_1, bundle.text_encoder_2):
+        module.to(device)
+    text_dir = Path(cfg.output_dir) / "text_encoder_cache" if cfg.cache_text_encoder_outputs_to_disk else None
+    text = dataset.cache_text_embeddings([bundle.tokenizer_1, bundle.tokenizer_2],
+                                         [bundle.text_encoder_1, bundle.text_encoder_2], text_dir,
+                                         progress=accelerator.is_local_main_process)
+    sampler = dataset.make_sampler(accelerator.process_index, accelerator.num_processes, cfg.seed)
+    vae_scale = 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+    return TrainData(dataset, sampler, text, device, int(bundle.unet.config.in_channels), vae_scale)

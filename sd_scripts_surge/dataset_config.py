@@ -32,8 +32,9 @@ SUBSET_SCHEMA: dict[str, tuple[type, ...]] = {
     "keep_tokens": (int,), "keep_tokens_separator": (str,), "class_tokens": (str,), "is_reg": (bool,),
     "flip_aug": (bool,), "color_aug": (bool,), "random_crop": (bool,), "caption_dropout_rate": (float, int),
     "caption_tag_dropout_rate": (float, int), "caption_prefix": (str,), "caption_suffix": (str,),
+    "caption_dropout_every_n_epochs": (int,),
 }
-SUBSET_ACCEPTED_UNUSED = {"caption_dropout_every_n_epochs", "secondary_separator", "enable_wildcard",
+SUBSET_ACCEPTED_UNUSED = {"secondary_separator", "enable_wildcard",
                           "token_warmup_min", "token_warmup_step", "face_crop_aug_range", "alpha_mask", "cache_info",
                           "metadata_file", "conditioning_data_dir", "custom_attributes", "validation_seed",
                           "validation_split", "resize_interpolation"}
@@ -66,6 +67,7 @@ class SubsetConfig:
     random_crop: bool = False
     caption_dropout_rate: float = 0.0
     caption_tag_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0  # 0: never; n: every caption is dropped in epochs n, 2n, … (from 1)
     caption_prefix: str = ""
     caption_suffix: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # accepted sd-scripts keys this trainer does not use
@@ -123,6 +125,9 @@ def _subset(values: dict[str, Any], base_dir: Path, where: str) -> SubsetConfig:
         raise ConfigError(f"{where}: key 'num_repeats' must be ≥ 1, got {subset.num_repeats}")
     if subset.keep_tokens < 0:
         raise ConfigError(f"{where}: key 'keep_tokens' must be ≥ 0, got {subset.keep_tokens}")
+    if subset.caption_dropout_every_n_epochs < 0:
+        raise ConfigError(f"{where}: key 'caption_dropout_every_n_epochs' must be ≥ 0, got "
+                          f"{subset.caption_dropout_every_n_epochs}")
     for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
         rate = float(getattr(subset, key))
         if not 0.0 <= rate <= 1.0:

@@ -1,4 +1,5 @@
-"""Data pipeline without models: buckets, crops, SDXL time ids, captions, skips, sampler order and resume."""
+"""Data pipeline without models (sd_scripts_surge/data.py): buckets, crops, SDXL time ids, captions, skips,
+sampler order, rank sharding and resume. The trainer-facing part with the tiny models is in test_data_cache.py."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_scripts_surge.config import parse_train_args
+from sd_scripts_surge.config import ConfigError, parse_train_args
 from sd_scripts_surge.data import (
     BucketBatchSampler,
     DataError,
     build_dataset,
+    caption_varies,
     crop_plan,
     make_bucket_resolutions,
     no_upscale_bucket,
@@ -22,6 +24,7 @@ from sd_scripts_surge.data import (
     read_caption,
     select_bucket,
     shuffle_caption,
+    split_tags,
 )
 from sd_scripts_surge.dataset_config import DatasetConfig, SubsetConfig, dataset_config_from_folder
 
@@ -144,10 +147,38 @@ def test_process_caption_dropout_prefix_and_tags(tmp_path):
     base = dict(image_dir=tmp_path)
     rng = random.Random(0)
     assert process_caption("a, b", SubsetConfig(**base, caption_dropout_rate=1.0), rng) == ""
-    assert process_caption("a, b", SubsetConfig(**base, caption_prefix="pre", caption_suffix="post"), rng) == \
-        "pre, a, b, post"
+    # sd-scripts joins prefix and suffix with a space: users write "masterpiece, " to get a comma
+    decorated = SubsetConfig(**base, caption_prefix="pre,", caption_suffix=", post")
+    assert process_caption("a, b", decorated, rng) == "pre, a, b , post"
+    assert process_caption("a, b", SubsetConfig(**base, caption_prefix="pre"), None) == "pre a, b"
     out = process_caption("keep, x, y, z", SubsetConfig(**base, keep_tokens=1, caption_tag_dropout_rate=1.0), rng)
     assert out == "keep"
+    # the prefix counts towards keep_tokens, as in sd-scripts (it is added first)
+    out = process_caption("x, y", SubsetConfig(**base, caption_prefix="sks,", keep_tokens=1,
+                                               caption_tag_dropout_rate=1.0), rng)
+    assert out == "sks"
+    # with the separator: fixed head, flexible middle, fixed suffix after a second separator
+    subset = SubsetConfig(**base, keep_tokens_separator="|||", caption_tag_dropout_rate=1.0, keep_tokens=5)
+    assert process_caption("sks, dog ||| x, y ||| best, end", subset, rng) == "sks, dog, best, end"
+    assert split_tags("a, b ||| c ||| d", 0, "|||") == (["a", "b"], ["c"], ["d"])
+    # no tag processing: the separator becomes a comma; the canonical caption (rng None) never drops
+    plain = SubsetConfig(**base, keep_tokens_separator="|||", caption_dropout_rate=1.0)
+    assert process_caption("sks ||| a, b", plain, None) == "sks, a, b"
+
+
+def test_tag_dropout_rate_drops_about_that_share_of_flexible_tags(tmp_path):
+    subset = SubsetConfig(image_dir=tmp_path, keep_tokens=1, caption_tag_dropout_rate=0.25)
+    caption = "keep, " + ", ".join(f"t{i}" for i in range(40))
+    kept = [len(process_caption(caption, subset, random.Random(seed)).split(", ")) - 1 for seed in range(50)]
+    assert all(process_caption(caption, subset, random.Random(s)).startswith("keep") for s in range(5))
+    assert 0.7 < sum(kept) / (50 * 40) < 0.8
+
+
+def test_caption_dropout_every_n_epochs_counts_epochs_from_one(tmp_path):
+    subset = SubsetConfig(image_dir=tmp_path, caption_dropout_every_n_epochs=2)
+    captions = [process_caption("a, b", subset, random.Random(e), epoch=e) for e in range(4)]
+    assert captions == ["a, b", "", "a, b", ""]  # sd-scripts epochs 2 and 4
+    assert caption_varies(subset) and not caption_varies(SubsetConfig(image_dir=tmp_path, caption_prefix="x"))
 
 
 def test_captions_are_deterministic_per_seed_epoch_entry(tmp_path):
@@ -169,13 +200,22 @@ def test_unreadable_and_missing_images_are_skipped_and_counted(tmp_path, caplog)
     good = (folder / "good1.png").read_bytes()
     (folder / "truncated.png").write_bytes(good[:30])
     (folder / "gone.jpg").symlink_to(tmp_path / "does-not-exist.jpg")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.webp").write_text("text with an image extension")
+    corrupt = bytearray(good)
+    corrupt[8:48] = b"\x00" * 40  # the IHDR chunk zeroed
+    (folder / "corrupt.png").write_bytes(bytes(corrupt))
+    jpeg = folder / "trunc.jpg"
+    Image.new("RGB", (64, 64), "red").save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[:200])
     (folder / "notes.md").write_text("not an image extension: ignored, not skipped")
     logs: list[str] = []
     data = build_dataset(datasets=datasets, log=logs.append)
     assert sorted(r.path.name for r in data.records) == ["good1.png", "good2.png"]
-    assert len(data.skipped) == 3
-    assert sorted(p.name for p, _ in data.skipped.entries) == ["garbage.png", "gone.jpg", "truncated.png"]
-    assert any(line.startswith("skipped 3 unreadable images:") and "garbage.png" in line for line in logs)
+    bad = ["corrupt.png", "empty.png", "garbage.png", "gone.jpg", "notes.webp", "trunc.jpg", "truncated.png"]
+    assert sorted(p.name for p, _ in data.skipped.entries) == bad and len(data.skipped) == 7
+    summaries = [line for line in logs if line.startswith("skipped 7 unreadable images:")]
+    assert len(summaries) == 1 and all(name in summaries[0] for name in bad)  # one report naming each
     assert len(data) == 4  # 2 images x 2 repeats
 
 
@@ -185,6 +225,20 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     with pytest.raises(DataError, match=r"no usable images.*5_empty.*skipped 1"):
         build_dataset(datasets=dataset_config_from_folder(tmp_path))
+
+
+def test_color_aug_is_refused_naming_the_subset(tmp_path):
+    datasets = tiny_dataset(tmp_path, {"a": (64, 64)}, color_aug=True)
+    with pytest.raises(ConfigError, match=r"subset #1 .*2_shapes.*color_aug"):
+        build_dataset(datasets=datasets)
+
+
+def test_random_crop_is_fixed_per_image_and_seed(tmp_path):
+    datasets = tiny_dataset(tmp_path, {f"w{i}": (200, 100) for i in range(6)}, random_crop=True)
+    crops = [r.crop_top_left for r in build_dataset(datasets=datasets, seed=4).records]
+    assert crops == [r.crop_top_left for r in build_dataset(datasets=datasets, seed=4).records]
+    assert len(set(crops)) > 1 and all(top == 0 and 0 <= left <= 16 for top, left in crops)  # 96x48 → 80x48
+    assert crops != [r.crop_top_left for r in build_dataset(datasets=datasets, seed=5).records]
 
 
 def test_missing_image_dir_names_it(tmp_path):
