@@ -18,7 +18,6 @@ trained `teacher` and its `base` (the real distillation pair), conditioned on th
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -41,24 +40,14 @@ from sd_scripts_surge.losses import scaled_linear_alphas_cumprod  # noqa: E402
 from sd_scripts_surge.probes import ProbeSet, make_probes  # noqa: E402
 from sd_scripts_surge.replay import replay_unit  # noqa: E402
 from sd_scripts_surge.tiny.architecture import build_tiny_unet  # noqa: E402
+from sd_scripts_surge.tiny.perturb import perturbed_copy  # noqa: E402
 from sd_scripts_surge.units import build_unit_map, hop_distances  # noqa: E402
-
-
-def perturbed(unet: torch.nn.Module, unit_map, units: list[str], scale: float, seed: int) -> torch.nn.Module:
-    student = copy.deepcopy(unet)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for unit in units:
-            for module in unit_map[unit].modules:
-                for p in student.get_submodule(module).parameters():
-                    p.add_(torch.randn(p.shape, generator=g) * p.std() * scale)
-    return student
 
 
 def synthetic_pair(args, unit_map_name: str):
     teacher = build_tiny_unet(0).eval()
     unit_map = build_unit_map(teacher, unit_map_name)
-    student = perturbed(teacher, unit_map, args.perturb, args.perturb_scale, seed=1)
+    student = perturbed_copy(teacher, unit_map, args.perturb, args.perturb_scale, seed=1)
     g = torch.Generator().manual_seed(123)
     contexts = torch.randn(args.conditions, 77, 64, generator=g)
     added = {"text_embeds": torch.randn(args.conditions, 32, generator=g),

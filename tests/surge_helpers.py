@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from sd_scripts_surge.losses import scaled_linear_alphas_cumprod
 from sd_scripts_surge.probes import ProbeSet, make_probes
 from sd_scripts_surge.tiny.architecture import build_tiny_unet
-from sd_scripts_surge.units import UnitMap
+from sd_scripts_surge.tiny.perturb import perturbed_copy  # noqa: F401 (re-exported for the tests)
 
 
 def tiny_kwargs(batch: int = 2, seed: int = 0) -> dict:
@@ -27,18 +25,6 @@ def tiny_probes(num_conditions: int = 2, timesteps=(200, 700), seeds=(0, 1, 2), 
              "time_ids": torch.randn(num_conditions, 6, generator=g)}
     return make_probes(contexts, list(timesteps), list(seeds), scaled_linear_alphas_cumprod(), (4, 8, 8),
                        added_cond=added)
-
-
-def perturbed_copy(unet: torch.nn.Module, unit_map: UnitMap, units, scale: float = 0.5, seed: int = 0):
-    """Copy of `unet` with the weights of `units` perturbed by scale × (each tensor's std) Gaussian noise."""
-    student = copy.deepcopy(unet)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for unit in units:
-            for module in unit_map[unit].modules:
-                for p in student.get_submodule(module).parameters():
-                    p.add_(torch.randn(p.shape, generator=g) * p.std() * scale)
-    return student
 
 
 def tiny_teacher(seed: int = 0) -> torch.nn.Module:
