@@ -583,7 +583,8 @@ class BucketBatchSampler:
         if int(state.get("world_size", self.world_size)) != self.world_size:
             raise DataError(f"cannot resume the data position: saved with {state['world_size']} processes, "
                             f"now {self.world_size}")
-        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self.position = int(state.get("position", 0))  # states saved before positions were recorded: 0
 
 
 # ------------------------------------------------------------------------------------------------ dataset
@@ -794,18 +795,23 @@ def expand_entries(records: Sequence[ImageRecord]) -> list[int]:
     return train + reg
 
 
+def load_datasets(cfg: TrainConfig | None, dataset_config: str | Path | None,
+                  train_data_dir: str | Path | None) -> list[DatasetConfig]:
+    """The dataset TOML if given, else the NN_name folders; `cfg` supplies sd-scripts' command-line defaults."""
+    if dataset_config:
+        return load_dataset_config(dataset_config, cfg)
+    if train_data_dir:
+        return dataset_config_from_folder(train_data_dir, cfg)
+    raise DataError("no training data: give --dataset_config (TOML) or --train_data_dir (NN_name folders)")
+
+
 def build_dataset(cfg: TrainConfig | None = None, datasets: list[DatasetConfig] | None = None,
                   seed: int | None = None, log: Callable[[str], None] | None = None) -> SurgeDataset:
     """Scan the datasets of `cfg` (--dataset_config, else --train_data_dir) or the given DatasetConfigs."""
     if datasets is None:
         if cfg is None:
             raise ValueError("build_dataset needs a TrainConfig or a list of DatasetConfig")
-        if cfg.dataset_config:
-            datasets = load_dataset_config(cfg.dataset_config, cfg)
-        elif cfg.train_data_dir:
-            datasets = dataset_config_from_folder(cfg.train_data_dir, cfg)
-        else:
-            raise DataError("no training data: give --dataset_config (TOML) or --train_data_dir (NN_name folders)")
+        datasets = load_datasets(cfg, cfg.dataset_config, cfg.train_data_dir)
     seed = seed if seed is not None else (cfg.seed if cfg is not None else 0)
     skipped = SkipLog()
     records: list[ImageRecord] = []
@@ -919,12 +925,7 @@ def build_train_data(cfg: TrainConfig, dataset_config: str | None, train_data_di
     if bundle.tokenizer_1 is None or bundle.tokenizer_2 is None:
         raise ValueError("the model has no tokenizers; give --tokenizer_dir (a folder with tokenizer/ and "
                          "tokenizer_2/) for a single-file checkpoint")
-    if dataset_config:
-        datasets = load_dataset_config(dataset_config, cfg)
-    elif train_data_dir:
-        datasets = dataset_config_from_folder(train_data_dir, cfg)
-    else:
-        raise DataError("no training data: give --dataset_config (TOML) or --train_data_dir (NN_name folders)")
+    datasets = load_datasets(cfg, dataset_config, train_data_dir)
     check_text_cache_rules(datasets, cfg)
     dataset = build_dataset(datasets=datasets, seed=cfg.seed, log=log)
     device = accelerator.device
