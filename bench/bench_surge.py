@@ -13,8 +13,8 @@ Tasks: (a) student = base, teacher = base + a LoRA trained on the data (hooked, 
            teacher, units aligned stage by stage) vs the full teacher;
        (a_large) task (a) on a second, larger tiny config (2x widths, deeper attention, pre-trained here).
 Metric: held-out noise-prediction MSE between student and teacher on fixed probes, measured every
-`--eval_every` steps; threshold = `--target` × the starting MSE. Reported per method: steps and wall
-seconds to the threshold (teacher flavor capture charged to surge and its ablations only: the KD
+`--eval_every` steps; threshold = `--target` × the starting MSE (one table per target). Reported per
+method: steps and wall seconds to the threshold (teacher flavor capture charged to surge and its ablations only: the KD
 baselines do not need it), median over seeds, and the ratio to
 adamw_kd. Runs that never reach the threshold count as not reached (shown as ">max").
 
@@ -91,6 +91,18 @@ def train_lora_teacher(kit, work: Path, steps: int, base: Path | None = None, na
     return path
 
 
+def dataset_with_repeats(toml_path: Path, work: Path, repeats: int) -> Path:
+    """The kit's dataset TOML with every subset's num_repeats set to `repeats` (0: unchanged)."""
+    if not repeats:
+        return toml_path
+    import re
+
+    text = re.sub(r"num_repeats = \d+", f"num_repeats = {repeats}", toml_path.read_text())
+    out = work / f"dataset-repeats{repeats}.toml"
+    out.write_text(text)
+    return out
+
+
 def make_pruned_student(kit, work: Path) -> Path:
     """Task (b)'s student: BK-SDM-Small pruning of the teacher (one layer fewer per stage, no mid block),
     every kept layer initialised from the teacher (`sd_scripts_surge.prune`)."""
@@ -163,28 +175,40 @@ def reached(run: dict, threshold: float) -> tuple[int | None, float | None]:
 
 
 def summarize(runs: list[dict], task: str, target: float, max_steps: int) -> list[str]:
+    """One markdown table: per method, how many runs reached the threshold and the medians to get there.
+
+    A run that never reaches it counts as infinitely slow, so a median is finite only when most runs got
+    there. When adamw_kd's median is not reached, the ratios are lower bounds (">"): its steps are taken as
+    `max_steps` and its wall time as the time of its last evaluation."""
+    inf = float("inf")
     start = statistics.median(r["eval"][0]["teacher_mse"] for r in runs)
     threshold = target * start
     lines = [f"\n## task {task}: start MSE {start:.5f}, threshold {threshold:.5f} ({target:.0%} of start)",
-             "| method | reached | median steps | median wall s (capture incl.) | steps vs adamw_kd | "
+             "| method | reached | median steps | median wall s | steps vs adamw_kd | "
              "wall vs adamw_kd | final MSE (median) |", "|---|---|---|---|---|---|---|"]
     table: dict[str, dict] = {}
     for method in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == method]
         hits = [reached(r, threshold) for r in mine]
-        steps = [h[0] if h[0] is not None else max_steps * 2 for h in hits]  # not reached: counted as 2× max
-        secs = [h[1] if h[1] is not None else float("inf") for h in hits]
         table[method] = {"n": len(mine), "hit": sum(h[0] is not None for h in hits),
-                         "steps": statistics.median(steps), "secs": statistics.median(secs),
+                         "steps": statistics.median(inf if h[0] is None else h[0] for h in hits),
+                         "secs": statistics.median(inf if h[1] is None else h[1] for h in hits),
+                         "last_secs": statistics.median(r["eval"][-1]["seconds"] + r["capture_s"] for r in mine),
                          "final": statistics.median(r["eval"][-1]["teacher_mse"] for r in mine)}
     base = table.get("adamw_kd")
+
+    def ratio(key: str, row: dict, bound: float) -> str:
+        if base is None or row[key] == inf:
+            return "-"
+        if base[key] == inf:
+            return f">{bound / row[key]:.2f}x"
+        return f"{base[key] / row[key]:.2f}x"
+
     for method, row in table.items():
-        steps = f"{row['steps']:.0f}" if row["steps"] <= max_steps else f">{max_steps}"
-        secs = f"{row['secs']:.1f}" if row["secs"] != float("inf") else "-"
-        ratio_steps = f"{base['steps'] / row['steps']:.2f}x" if base and row["steps"] <= max_steps else "-"
-        ratio_secs = f"{base['secs'] / row['secs']:.2f}x" if base and row["secs"] != float("inf") \
-            and base["secs"] != float("inf") else "-"
-        lines.append(f"| {method} | {row['hit']}/{row['n']} | {steps} | {secs} | {ratio_steps} | {ratio_secs} | "
+        steps = f"{row['steps']:.0f}" if row["steps"] != inf else f">{max_steps}"
+        secs = f"{row['secs']:.1f}" if row["secs"] != inf else "-"
+        lines.append(f"| {method} | {row['hit']}/{row['n']} | {steps} | {secs} | "
+                     f"{ratio('steps', row, max_steps)} | {ratio('secs', row, base['last_secs'] if base else 0)} | "
                      f"{row['final']:.5f} |")
     return lines
 
@@ -201,7 +225,11 @@ def load_run(folder: Path) -> dict | None:
             "capture_s": float(capture), "total_s": float("nan")}
 
 
-def summarize_folder(work: Path, target: float, max_steps: int) -> list[str]:
+def summarize_all(runs: list[dict], task: str, targets: list[float], max_steps: int) -> list[str]:
+    return [line for target in targets for line in summarize(runs, task, target, max_steps)]
+
+
+def summarize_folder(work: Path, targets: list[float], max_steps: int) -> list[str]:
     lines = []
     for task_dir in sorted(p for p in (work / "runs").iterdir() if p.is_dir()):
         runs = [r for r in (load_run(d) for d in sorted(task_dir.iterdir())) if r is not None]
@@ -209,7 +237,7 @@ def summarize_folder(work: Path, target: float, max_steps: int) -> list[str]:
         runs.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else 99, r["seed"]))
         seeds = sorted({r["seed"] for r in runs})
         lines.append(f"\n(task {task_dir.name}: seeds {seeds})")
-        lines += summarize(runs, task_dir.name, target, max_steps)
+        lines += summarize_all(runs, task_dir.name, targets, max_steps)
     return lines
 
 
@@ -219,7 +247,8 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=150)
     parser.add_argument("--eval_every", type=int, default=10)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--target", type=float, default=0.6, help="threshold as a fraction of the start MSE")
+    parser.add_argument("--target", default="0.6,0.3",
+                        help="thresholds as fractions of the start MSE, comma-separated (one table each)")
     parser.add_argument("--tasks", default="a,b,a_large",
                         help="a: LoRA teacher; b: BK-SDM-Small pruned student; a_large: task a on the larger config")
     parser.add_argument("--methods", default="surge,adamw_kd,adafactor_kd,bksdm")
@@ -227,12 +256,16 @@ def main() -> None:
     parser.add_argument("--work", default="bench/out/surge")
     parser.add_argument("--lora_steps", type=int, default=100)
     parser.add_argument("--large_base_steps", type=int, default=150, help="pre-training steps of the larger base")
+    parser.add_argument("--repeats", type=int, default=0,
+                        help="num_repeats for every dataset subset (0: the kit's own, 10 and 5); sets the epoch "
+                             "length, and so how often surge re-measures the student and moves its LRs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: up to 2)")
     parser.add_argument("--summarize_only", action="store_true",
                         help="rebuild the tables from the finished runs under --work (e.g. after stopping early)")
     args = parser.parse_args()
+    targets = [float(t) for t in args.target.split(",") if t]
     if args.summarize_only:
-        print("\n".join(summarize_folder(Path(args.work), args.target, args.max_steps)))
+        print("\n".join(summarize_folder(Path(args.work), targets, args.max_steps)))
         return
     torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
 
@@ -241,7 +274,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     kit = ensure_tiny_kit()
-    data = ["--dataset_config", str(kit.dataset_toml)]
+    data = ["--dataset_config", str(dataset_with_repeats(kit.dataset_toml, work, args.repeats))]
     tasks = []
     wanted = args.tasks.split(",")
     if "a" in wanted:
@@ -271,7 +304,7 @@ def main() -> None:
                 print(f"[{task['name']}] {method} seed {seed}: start {run['eval'][0]['teacher_mse']:.5f} "
                       f"end {run['eval'][-1]['teacher_mse']:.5f} in {run['total_s']:.1f} s", flush=True)
         all_runs[task["name"]] = runs
-        report += summarize(runs, task["name"], args.target, args.max_steps)
+        report += summarize_all(runs, task["name"], targets, args.max_steps)
         print("\n".join(report), flush=True)
     suffix = "-".join(wanted)
     (work / f"runs-{suffix}.json").write_text(json.dumps(all_runs, indent=1))
