@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from .anchors import ZoneRules
+from .block_lr import apply_block_lr
 from .capture import CaptureOptions
 from .config import TrainConfig, parse_lora_arg
 from .controller import ControllerConfig, UnitLRController, build_unit_param_groups
@@ -179,7 +180,11 @@ def unit_map_for(cfg: TrainConfig, unet: nn.Module) -> UnitMap:
 def param_groups(cfg: TrainConfig, trainable: Trainable, unit_map: UnitMap) -> list[dict]:
     trainable.unit_map = unit_map
     lr = cfg.unet_lr or cfg.learning_rate
-    return build_unit_param_groups(trainable.module, unit_map, lr, named_parameters=trainable.named)
+    groups = build_unit_param_groups(trainable.module, unit_map, lr, named_parameters=trainable.named)
+    if cfg.block_lr:  # sd-scripts' per-block LRs (full fine-tune); LR 0 freezes a block
+        groups = apply_block_lr(groups, cfg.block_lr, trainable.module)
+        trainable.named = [(n, p) for n, p in trainable.named if p.requires_grad]
+    return groups
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -244,9 +249,13 @@ def skip_nonfinite_step(optimizer: torch.optim.Optimizer, scheduler, progress: T
 
 
 def lr_logs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    # AdaSurge keeps the scale actually in force in "surge_effective" ("surge_scale" is its target).
-    return {f"lr/{g.get('unit', i)}": float(g["lr"] or 0.0) * float(g.get("surge_effective", g.get("surge_scale", 1.0)))
-            for i, g in enumerate(optimizer.param_groups)}
+    """The LR each group trains with now, keyed lr/<unit> (lr/<unit>.b<block> with --block_lr)."""
+    logs = {}
+    for i, g in enumerate(optimizer.param_groups):
+        key = f"lr/{g.get('unit', i)}" + (f".b{g['block']}" if "block" in g else "")
+        # AdaSurge keeps the scale actually in force in "surge_effective" ("surge_scale" is its target).
+        logs[key] = float(g["lr"] or 0.0) * float(g.get("surge_effective", g.get("surge_scale", 1.0)))
+    return logs
 
 
 # ------------------------------------------------------------------------------------------------ surge
