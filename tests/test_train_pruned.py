@@ -49,7 +49,8 @@ def test_block_lr_sets_group_lrs_and_freezes(tiny_kit, tmp_path: Path, monkeypat
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "cfg.toml", tiny_kit, out, steps=1, surge=False)
     final = train(parse_train_args(["--config_file", str(cfg), "--surge", "false", "--optimizer_type", "AdamW",
-                                    "--optimizer_args", "weight_decay=0.0", "--lr_scheduler", "constant", "--block_lr", ",".join(map(str, lrs))]))
+                                    "--optimizer_args", "weight_decay=0.0", "--lr_scheduler", "constant",
+                                    "--block_lr", ",".join(map(str, lrs))]))
     groups = seen["groups"]
     assert all(g["unit"] != "out" for g in groups)
     assert {g["lr"] for g in groups if g.get("block") == 10} == {5e-4}
