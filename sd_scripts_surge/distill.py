@@ -121,10 +121,13 @@ class DistillLoss:
 
     def __call__(self, student: nn.Module, student_module: nn.Module, teacher: TeacherForward | None,
                  teacher_module: nn.Module | None, batch: NoisedBatch,
-                 multipliers: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                 multipliers: dict[str, float] | None = None,
+                 sample_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """`student` is what to call (maybe a DDP wrapper); `student_module` the unwrapped UNet for hooks.
 
-        `teacher_module` is the teacher UNet to hook for the trajectory loss (None: no trajectory term)."""
+        `teacher_module` is the teacher UNet to hook for the trajectory loss (None: no trajectory term).
+        `sample_weights` (B,) weight each sample's task loss (prior_loss_weight on regularisation images); the
+        teacher-matching terms are not weighted: matching the teacher on a regularisation image is not a prior."""
         w = self.weights
         traj = self.traj_map is not None and teacher_module is not None and teacher is not None
         if traj:
@@ -136,7 +139,7 @@ class DistillLoss:
         terms: dict[str, torch.Tensor] = {}
         if w.task:
             terms["task"] = denoise_loss(prediction, batch.x0, batch.noise, batch.timesteps, self.alphas_cumprod,
-                                         self.v_prediction, self.min_snr_gamma)
+                                         self.v_prediction, self.min_snr_gamma, sample_weights)
         if teacher is not None and (w.out or traj):
             with torch.no_grad():
                 if traj:

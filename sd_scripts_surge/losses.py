@@ -2,7 +2,8 @@
 
 - denoise loss: MSE to the ε target or the v target (v = α_t·ε − σ_t·x0), optional min-SNR-γ weighting in
   sd-scripts' form (weight = min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v), and the noise offset
-  (noise + offset·randn(b, c, 1, 1));
+  (noise + offset·randn(b, c, 1, 1)); regularisation images weighted by prior_loss_weight (mean_b(w_b·L_b),
+  w_b = prior_loss_weight where is_reg else 1, as sd-scripts' train_network.py);
 - output KD: MSE(student output, teacher output);
 - trajectory loss on hidden units: v_l = (α_t·(h_out − h_in) − σ_t·h_out)/s_l, the v-prediction formula applied
   to a unit's residual and state, with s_l the teacher's RMS of that unit's output;
@@ -75,14 +76,24 @@ def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma:
     return (clipped / (s + 1) if v_prediction else clipped / s).float()
 
 
+def prior_loss_weights(is_reg: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
+    """sd-scripts' per-sample loss weights: `prior_loss_weight` for regularisation images, 1 for the others."""
+    ones = torch.ones(is_reg.shape, dtype=torch.float32, device=is_reg.device)
+    return torch.where(is_reg.bool(), ones * prior_loss_weight, ones)
+
+
 def denoise_loss(prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                  alphas_cumprod: torch.Tensor, v_prediction: bool = False,
-                 min_snr_gamma: float | None = None) -> torch.Tensor:
+                 min_snr_gamma: float | None = None, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the batch of the per-sample MSE to the ε (or v) target, optionally min-SNR-γ weighted.
 
-    `noise` is the noise that was added to x0 (after any noise offset)."""
+    `noise` is the noise that was added to x0 (after any noise offset). `sample_weights` (B,) multiply each
+    sample's loss before the batch mean (sd-scripts' `loss_weights`, see `prior_loss_weights`): the mean is
+    still over B, not normalised by the sum of the weights, as in sd-scripts."""
     target = velocity_target(x0, noise, timesteps, alphas_cumprod) if v_prediction else noise
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, x0.ndim)))
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights.to(per_sample.device, per_sample.dtype)
     if min_snr_gamma:
         per_sample = per_sample * min_snr_weight(alphas_cumprod, timesteps, min_snr_gamma, v_prediction).to(
             per_sample.device)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from . import trainer_parts as parts
 from .config import TrainConfig, parse_train_args
 from .distill import noise_batch, surge_epoch_update
+from .losses import prior_loss_weights
 from .report import EpochRecord, write_report
 from .train_state import PROGRESS_MARKER, TrainProgress, find_resume_dir
 
@@ -118,7 +119,8 @@ def train(cfg: TrainConfig) -> Path:
                     controller.apply(optimizer)
                     loss, terms = loss_fn(unet, student_module, surge.teacher_call if surge else None,
                                           surge.teacher_module if surge else None, noised,
-                                          controller.multipliers() if surge else None)
+                                          controller.multipliers() if surge else None,
+                                          prior_loss_weights(batch.is_reg, cfg.prior_loss_weight))
                     if not parts.all_finite(loss, accelerator):
                         parts.skip_nonfinite_step(optimizer, scheduler, progress, log)
                         progress.step_in_epoch += 1

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sd_scripts_surge.distill import DistillLoss, LossWeights, noise_batch, sub_unit_map, trajectory_units
-from sd_scripts_surge.losses import scaled_linear_alphas_cumprod
+from sd_scripts_surge.losses import prior_loss_weights, scaled_linear_alphas_cumprod
 from sd_scripts_surge.tiny.architecture import TINY_CONTEXT_DIM, TINY_TE2_PROJECTION, build_tiny_unet
 from sd_scripts_surge.units import build_unit_map
 
@@ -98,3 +98,24 @@ def test_feature_kd_is_mean_of_unit_mses(setup):
     expected = sum(float(((fs.units[u].output - ft.units[u].output) ** 2).mean()) for u in sub.names) / len(sub.names)
     assert terms["feature"] == pytest.approx(expected, rel=1e-5)
     assert terms["feature"] > 0
+
+
+def test_prior_loss_weight_down_weights_regularisation_samples_in_the_task_term(setup):
+    teacher, unit_map, latents, context, added = setup
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    with torch.no_grad():
+        student.get_submodule("mid_block").resnets[0].conv1.weight.mul_(1.5)
+    batch = noise_batch(latents, context, added, scaled_linear_alphas_cumprod(), torch.Generator().manual_seed(3))
+    loss_fn = _loss(unit_map, LossWeights(task=1.0, out=1.0, traj=0.0))
+    call = lambda kw: teacher(**kw).sample  # noqa: E731
+    is_reg = torch.tensor([False, True])
+    with torch.no_grad():
+        _, plain = loss_fn(student, student, call, teacher, batch)
+        _, first_only = loss_fn(student, student, call, teacher, batch, sample_weights=torch.tensor([1.0, 0.0]))
+        _, weighted = loss_fn(student, student, call, teacher, batch, sample_weights=prior_loss_weights(is_reg, 0.5))
+    # the regularisation sample counts half: task = (L0 + 0.5·L1)/2 with L0 = 2·first_only, L1 = 2·plain − L0
+    l0 = 2 * first_only["task"]
+    l1 = 2 * plain["task"] - l0
+    assert l1 > 0 and weighted["task"] < plain["task"]
+    assert weighted["task"] == pytest.approx((l0 + 0.5 * l1) / 2, rel=1e-5)
+    assert weighted["kd"] == pytest.approx(plain["kd"], rel=1e-6)  # teacher matching is not a prior: unweighted

@@ -14,6 +14,7 @@ from sd_scripts_surge.losses import (
     denoise_loss,
     min_snr_weight,
     output_kd_loss,
+    prior_loss_weights,
     scaled_linear_alphas_cumprod,
     snr,
     teacher_scales,
@@ -69,6 +70,26 @@ def test_denoise_loss_eps_v_and_min_snr():
     assert denoise_loss(pred, x0, eps, t, ACP, min_snr_gamma=1.0).item() == pytest.approx((4 * 9 / 16 + 4) / 2)
     assert denoise_loss(pred, x0, eps, t, ACP, v_prediction=True, min_snr_gamma=1.0).item() == pytest.approx(
         (1.0 * 9 / 25 + 0.16 * 9 / 25) / 2)
+
+
+def test_prior_loss_weight_scales_regularisation_samples_like_sd_scripts():
+    # sd-scripts (train_network.py): loss = mean_b(w_b · min_snr_b · MSE_b), w_b = prior_loss_weight if is_reg else 1
+    is_reg = torch.tensor([False, True])
+    torch.testing.assert_close(prior_loss_weights(is_reg, 0.25), torch.tensor([1.0, 0.25]))
+    t = torch.tensor([0, 1])
+    x0 = torch.ones(2, 1, 1, 2)
+    eps = torch.full((2, 1, 1, 2), 2.0)
+    pred = torch.zeros(2, 1, 1, 2)
+    weights = prior_loss_weights(is_reg, 0.25)
+    # ε target: MSE 4 and 4 → (4·1 + 4·0.25)/2, the mean over B (not normalised by Σw)
+    assert denoise_loss(pred, x0, eps, t, ACP, sample_weights=weights).item() == pytest.approx((4 + 1) / 2)
+    # with min-SNR γ=1 the weights multiply: (4·9/16·1 + 4·1·0.25)/2
+    assert denoise_loss(pred, x0, eps, t, ACP, min_snr_gamma=1.0, sample_weights=weights).item() == pytest.approx(
+        (4 * 9 / 16 + 4 * 0.25) / 2)
+    # weight 1 everywhere (the default, or no reg images) is the unweighted loss
+    ones = prior_loss_weights(torch.tensor([True, True]), 1.0)
+    assert denoise_loss(pred, x0, eps, t, ACP, v_prediction=True, sample_weights=ones).item() == pytest.approx(
+        denoise_loss(pred, x0, eps, t, ACP, v_prediction=True).item())
 
 
 def test_noise_offset():
