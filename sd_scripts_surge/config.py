@@ -49,34 +49,31 @@ def _bool(value: str | bool) -> bool:
 
 # sd-scripts / kohya_ss GUI keys this trainer accepts but does not act on (warned once per process).
 IGNORED_SD_SCRIPTS_KEYS = frozenset("""
-    huber_c huber_scale huber_schedule loss_type caption_dropout_rate caption_dropout_every_n_epochs
-    caption_tag_dropout_rate ip_noise_gamma ip_noise_gamma_random_strength noise_offset_random_strength
-    adaptive_noise_scale multires_noise_iterations multires_noise_discount persistent_data_loader_workers lowram
-    highvram mem_eff_attn clip_skip max_token_length vae vae_batch_size save_last_n_epochs
-    save_last_n_epochs_state save_last_n_steps save_last_n_steps_state save_state_on_train_end save_state_to_huggingface
-    log_tracker_name log_tracker_config log_config training_comment metadata_title metadata_author
-    metadata_description metadata_license metadata_tags color_aug flip_aug face_crop_aug_range random_crop
-    debug_dataset in_json dataset_repeats prior_loss_weight reg_data_dir token_warmup_min token_warmup_step
-    weighted_captions scale_v_pred_loss_like_noise_pred v_pred_like_loss zero_terminal_snr min_timestep max_timestep
-    timestep_sampling discrete_flow_shift fp8_base fp8_base_unet fused_backward_pass fused_optimizer_groups
-    lr_scheduler_min_lr_ratio lr_scheduler_timescale lr_decay_steps stop_text_encoder_training dim_from_weights
-    scale_weight_norms network_dropout base_weights base_weights_multiplier no_metadata save_n_epoch_ratio
-    learning_rate_te learning_rate_te1 learning_rate_te2 text_encoder_lr1 text_encoder_lr2
-    network_train_text_encoder_only bucket_no_upscale keep_tokens_separator secondary_separator enable_wildcard
-    caption_prefix caption_suffix ddp_timeout ddp_gradient_as_bucket_view ddp_static_graph console_log_level
-    console_log_file console_log_simple cache_info skip_cache_check initial_epoch initial_step
-    skip_until_initial_step sample_at_first sample_every_n_steps output_config_and_exit masked_loss alpha_mask
-    disable_mmap_load_safetensors dynamo_backend dynamo_mode dynamo_fullgraph dynamo_use_dynamic torch_compile
-    noise_offset_type epoch sdxl sdxl_no_half_vae v2 v_pred full_fp16_vae save_every_n_steps_state
-    huggingface_repo_id huggingface_repo_type huggingface_path_in_repo huggingface_token huggingface_repo_visibility
-    resume_from_huggingface async_upload max_timestep_range min_timestep_range cache_text_encoder_outputs_batch_size
-    network_multiplier conv_dim conv_alpha unit lycoris_preset loraplus_lr_ratio loraplus_unet_lr_ratio
-    loraplus_text_encoder_lr_ratio mixed_precision_vae color_aug_strength use_8bit_adam use_lion_optimizer
-    train_text_encoder_t5xxl apply_t5_attn_mask blocks_to_swap cpu_offload_checkpointing skip_latents_validity_check
-    sample_sampler_steps save_model_as_dir no_token_padding max_bucket_reso_steps gradient_accumulation
-    deepspeed zero_stage offload_optimizer_device offload_param_device zero3_init_flag zero3_save_16bit_model
-    fp16_master_weights_and_gradients num_cpu_threads_per_process num_processes num_machines multi_gpu gpu_ids
-    main_process_port extra_accelerate_launch_args
+    huber_c huber_scale huber_schedule loss_type ip_noise_gamma ip_noise_gamma_random_strength
+    noise_offset_random_strength adaptive_noise_scale multires_noise_iterations multires_noise_discount
+    persistent_data_loader_workers lowram highvram mem_eff_attn clip_skip max_token_length vae vae_batch_size
+    save_last_n_epochs save_last_n_epochs_state save_last_n_steps save_last_n_steps_state save_state_on_train_end
+    save_state_to_huggingface log_tracker_name log_tracker_config log_config training_comment metadata_title
+    metadata_author metadata_description metadata_license metadata_tags face_crop_aug_range debug_dataset in_json
+    dataset_repeats reg_data_dir token_warmup_min token_warmup_step weighted_captions scale_v_pred_loss_like_noise_pred
+    v_pred_like_loss zero_terminal_snr min_timestep max_timestep timestep_sampling discrete_flow_shift fp8_base
+    fp8_base_unet fused_backward_pass fused_optimizer_groups lr_scheduler_min_lr_ratio lr_scheduler_timescale
+    lr_decay_steps stop_text_encoder_training dim_from_weights scale_weight_norms network_dropout base_weights
+    base_weights_multiplier no_metadata save_n_epoch_ratio learning_rate_te learning_rate_te1 learning_rate_te2
+    text_encoder_lr1 text_encoder_lr2 network_train_text_encoder_only bucket_no_upscale secondary_separator
+    enable_wildcard ddp_timeout ddp_gradient_as_bucket_view ddp_static_graph console_log_level console_log_file
+    console_log_simple cache_info skip_cache_check initial_epoch initial_step skip_until_initial_step sample_at_first
+    sample_every_n_steps output_config_and_exit masked_loss alpha_mask disable_mmap_load_safetensors dynamo_backend
+    dynamo_mode dynamo_fullgraph dynamo_use_dynamic torch_compile noise_offset_type epoch sdxl sdxl_no_half_vae v2
+    v_pred full_fp16_vae save_every_n_steps_state huggingface_repo_id huggingface_repo_type huggingface_path_in_repo
+    huggingface_token huggingface_repo_visibility resume_from_huggingface async_upload max_timestep_range
+    min_timestep_range cache_text_encoder_outputs_batch_size network_multiplier conv_dim conv_alpha unit lycoris_preset
+    loraplus_lr_ratio loraplus_unet_lr_ratio loraplus_text_encoder_lr_ratio mixed_precision_vae color_aug_strength
+    use_8bit_adam use_lion_optimizer train_text_encoder_t5xxl apply_t5_attn_mask blocks_to_swap
+    cpu_offload_checkpointing skip_latents_validity_check sample_sampler_steps save_model_as_dir no_token_padding
+    max_bucket_reso_steps gradient_accumulation deepspeed zero_stage offload_optimizer_device offload_param_device
+    zero3_init_flag zero3_save_16bit_model fp16_master_weights_and_gradients num_cpu_threads_per_process num_processes
+    num_machines multi_gpu gpu_ids main_process_port extra_accelerate_launch_args
 """.split())
 IGNORED_PREFIXES = ("wandb_", "huggingface_", "metadata_", "dynamo_", "deepspeed_")
 
@@ -115,8 +112,30 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_bucket_reso", type=int, default=2048)
     a("--bucket_reso_steps", type=int, default=64)
     a("--caption_extension", type=str, default=".caption")
-    flag("--shuffle_caption")
-    a("--keep_tokens", type=int, default=0)
+    # sd-scripts' subset options as flags. Like sd-scripts (config_util's fallback order subset → dataset →
+    # [general] → command line), they are defaults for every subset: of the --train_data_dir folders, and of a
+    # --dataset_config TOML, whose [general]/[[datasets]]/[[datasets.subsets]] values win over them.
+    subset_default = "; a subset default: a --dataset_config value wins, as in sd-scripts"
+    flag("--shuffle_caption", help="shuffle the comma-separated tags of each caption every epoch" + subset_default)
+    a("--keep_tokens", type=int, default=0, help="leading tags that shuffling and tag dropout keep" + subset_default)
+    a("--keep_tokens_separator", type=str, default="", help="tags before this separator are kept in place "
+      "(instead of --keep_tokens); tags after a second one stay at the end" + subset_default)
+    flag("--flip_aug", help="train on the mirrored image half the time (both are encoded when latents are "
+         "cached)" + subset_default)
+    flag("--color_aug", help="refused when given: it needs latents encoded every step, and this trainer always "
+         "caches latents (sd-scripts also refuses it with cache_latents)" + subset_default)
+    flag("--random_crop", help="crop at a random position instead of the centre; with cached latents it is drawn "
+         "once per image from --seed (sd-scripts refuses it with cache_latents)" + subset_default)
+    a("--caption_dropout_rate", type=float, default=0.0, help="probability that a step trains with an empty "
+      "caption" + subset_default)
+    a("--caption_dropout_every_n_epochs", type=int, default=0, help="drop every caption in epochs N, 2N, … "
+      "(0: never)" + subset_default)
+    a("--caption_tag_dropout_rate", type=float, default=0.0, help="probability to drop each tag not kept by "
+      "keep_tokens" + subset_default)
+    a("--caption_prefix", type=str, help="text put before every caption" + subset_default)
+    a("--caption_suffix", type=str, help="text put after every caption" + subset_default)
+    a("--prior_loss_weight", type=float, default=1.0, help="weight of the denoising loss of regularisation images "
+      "(is_reg subsets): per-sample loss × this, then the batch mean, as in sd-scripts' train_network.py")
     a("--max_data_loader_n_workers", type=int, default=0)
     flag("--cache_latents")
     flag("--cache_latents_to_disk")
@@ -264,6 +283,16 @@ class TrainConfig:
     caption_extension: str = ".caption"
     shuffle_caption: bool = False
     keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    prior_loss_weight: float = 1.0
     max_data_loader_n_workers: int = 0
     cache_latents: bool = False
     cache_latents_to_disk: bool = False
@@ -645,6 +674,11 @@ def validate(c: TrainConfig, where: str) -> None:
     need(c.lr_scheduler_num_cycles >= 1, "lr_scheduler_num_cycles", "must be ≥ 1")
     need(c.max_grad_norm >= 0, "max_grad_norm", "must be ≥ 0 (0 disables clipping)")
     need(c.keep_tokens >= 0, "keep_tokens", "must be ≥ 0")
+    for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        need(0.0 <= getattr(c, key) <= 1.0, key, f"must be in [0, 1] (got {getattr(c, key)})")
+    need(c.caption_dropout_every_n_epochs >= 0, "caption_dropout_every_n_epochs", "must be ≥ 0 (0: never)")
+    need(math.isfinite(c.prior_loss_weight) and c.prior_loss_weight >= 0, "prior_loss_weight",
+         f"must be a finite number ≥ 0 (got {c.prior_loss_weight})")
     need(c.max_data_loader_n_workers >= 0, "max_data_loader_n_workers", "must be ≥ 0")
     need(c.bucket_reso_steps >= 1, "bucket_reso_steps", "must be ≥ 1")
     need(0 < c.min_bucket_reso <= c.max_bucket_reso, "min_bucket_reso",

@@ -1,8 +1,9 @@
 """kohya dataset configuration: `[general]`, `[[datasets]]`, `[[datasets.subsets]]`, or the folder form.
 
 - Values inherit general → dataset → subset as in sd-scripts (a subset key may be set at any of the three
-  levels; the nearest wins). Command-line values (`--resolution`, `--caption_extension` …) are the defaults
-  under `[general]`.
+  levels; the nearest wins). Command-line values (`--resolution`, `--caption_extension`, `--flip_aug`,
+  `--caption_dropout_rate` …) are the defaults under `[general]`, as in sd-scripts: they reach every subset of
+  the folder form, and a dataset TOML's own value wins over them.
 - Everything is parsed once into typed dataclasses. An unknown key is an error naming the key, the table,
   the file and the closest valid name; a value of the wrong type or range is an error naming the key.
 - sd-scripts keys this pipeline does not act on (token warm-up, face crop, alpha masks …) are accepted and kept
@@ -158,14 +159,21 @@ def _dataset(values: dict[str, Any], subsets: list[SubsetConfig], where: str) ->
     return config
 
 
+# Training arguments that are also dataset/subset keys: sd-scripts' config_util looks a key up in the subset,
+# its dataset, [general] and then the command line, so these are defaults that any dataset TOML level overrides.
+CLI_SUBSET_DEFAULTS = ("caption_extension", "shuffle_caption", "keep_tokens", "keep_tokens_separator", "flip_aug",
+                       "color_aug", "random_crop", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                       "caption_tag_dropout_rate", "caption_prefix", "caption_suffix")
+
+
 def _cli_defaults(train: TrainConfig | None) -> dict[str, Any]:
     if train is None:
         return {}
-    return {"resolution": list(train.resolution), "batch_size": train.train_batch_size,
-            "enable_bucket": train.enable_bucket, "min_bucket_reso": train.min_bucket_reso,
-            "max_bucket_reso": train.max_bucket_reso, "bucket_reso_steps": train.bucket_reso_steps,
-            "caption_extension": train.caption_extension, "shuffle_caption": train.shuffle_caption,
-            "keep_tokens": train.keep_tokens}
+    defaults = {"resolution": list(train.resolution), "batch_size": train.train_batch_size,
+                "enable_bucket": train.enable_bucket, "min_bucket_reso": train.min_bucket_reso,
+                "max_bucket_reso": train.max_bucket_reso, "bucket_reso_steps": train.bucket_reso_steps}
+    defaults.update({key: getattr(train, key) for key in CLI_SUBSET_DEFAULTS if getattr(train, key) is not None})
+    return defaults
 
 
 def parse_dataset_tables(data: dict[str, Any], path: Path | str, base_dir: Path,

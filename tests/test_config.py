@@ -218,6 +218,20 @@ def test_every_design_flag_exists():
     assert not (dests & config_module.IGNORED_SD_SCRIPTS_KEYS)  # a used flag is never listed as ignored
 
 
+def test_sd_scripts_subset_flags_and_prior_loss_weight_are_used_not_ignored(tmp_path):
+    used = """flip_aug color_aug random_crop caption_dropout_rate caption_dropout_every_n_epochs
+        caption_tag_dropout_rate caption_prefix caption_suffix keep_tokens_separator prior_loss_weight""".split()
+    assert not set(used) & config_module.IGNORED_SD_SCRIPTS_KEYS
+    assert set(used) <= {a.dest for a in build_parser()._actions}
+    cfg = parse_train_args(["--flip_aug", "--caption_dropout_rate", "0.1", "--prior_loss_weight", "0.5"])
+    assert cfg.flip_aug and cfg.caption_dropout_rate == 0.1 and cfg.prior_loss_weight == 0.5
+    path = write(tmp_path / "c.toml", "[training]\nprior_loss_weight = 1\ncaption_dropout_rate = 0\n"
+                                      'caption_prefix = "x"\n')
+    from_toml = parse_train_args(["--config_file", str(path)])
+    assert from_toml.prior_loss_weight == 1.0 and from_toml.caption_dropout_rate == 0.0
+    assert from_toml.caption_prefix == "x" and not from_toml.ignored
+
+
 def test_abbreviated_flags_are_rejected():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--learning", "1"])

@@ -110,3 +110,73 @@ def test_folder_form_errors(tmp_path):
     (tmp_path / "1_a").mkdir()
     with pytest.raises(ConfigError, match="num_repeat.*did you mean"):
         dataset_config_from_folder(tmp_path, num_repeat=2)
+
+
+SUBSET_FLAGS = ["--flip_aug", "--random_crop", "--caption_dropout_rate", "0.25", "--caption_dropout_every_n_epochs",
+                "3", "--caption_tag_dropout_rate", "0.1", "--caption_prefix", "pre", "--caption_suffix", "post",
+                "--keep_tokens_separator", "|||", "--shuffle_caption", "--keep_tokens", "2"]
+
+
+def test_training_flags_reach_every_folder_subset(tmp_path):
+    for name in ("10_a", "2_b"):
+        (tmp_path / name).mkdir()
+    (ds,) = dataset_config_from_folder(tmp_path, parse_train_args(["--train_data_dir", str(tmp_path), *SUBSET_FLAGS]))
+    for subset in ds.subsets:
+        assert subset.flip_aug and subset.random_crop and subset.shuffle_caption and subset.keep_tokens == 2
+        assert subset.caption_dropout_rate == 0.25 and subset.caption_dropout_every_n_epochs == 3
+        assert subset.caption_tag_dropout_rate == 0.1 and subset.keep_tokens_separator == "|||"
+        assert (subset.caption_prefix, subset.caption_suffix) == ("pre", "post")
+    (plain,) = dataset_config_from_folder(tmp_path, parse_train_args([]))
+    assert not plain.subsets[0].flip_aug and plain.subsets[0].caption_dropout_rate == 0.0
+    assert plain.subsets[0].caption_prefix == ""
+
+
+def test_training_toml_keys_reach_folder_subsets(tmp_path):
+    (tmp_path / "img" / "5_x").mkdir(parents=True)
+    cfg = write(tmp_path / "cfg.toml", f'[dataset]\ntrain_data_dir = "{tmp_path / "img"}"\nflip_aug = true\n'
+                                       'caption_dropout_rate = 0.2\ncaption_prefix = "masterpiece"\n')
+    (ds,) = dataset_config_from_folder(tmp_path / "img", parse_train_args(["--config_file", str(cfg)]))
+    (subset,) = ds.subsets
+    assert subset.flip_aug and subset.caption_dropout_rate == 0.2 and subset.caption_prefix == "masterpiece"
+
+
+def test_dataset_toml_values_win_over_training_flags(tmp_path):
+    # sd-scripts' config_util looks a key up in subset → dataset → [general] → command line
+    path = write(tmp_path / "d.toml", """
+[general]
+caption_dropout_rate = 0.05
+[[datasets]]
+[[datasets.subsets]]
+image_dir = "a"
+flip_aug = false
+[[datasets.subsets]]
+image_dir = "b"
+caption_prefix = "own"
+""")
+    first, second = load_dataset_config(path, parse_train_args(SUBSET_FLAGS))[0].subsets
+    assert first.flip_aug is False and second.flip_aug is True  # the subset's false wins; else the flag
+    assert first.caption_dropout_rate == second.caption_dropout_rate == 0.05  # [general] wins over the flag
+    assert second.caption_prefix == "own" and first.caption_prefix == "pre"
+    assert first.caption_tag_dropout_rate == 0.1 and first.caption_dropout_every_n_epochs == 3  # only the flag
+    assert first.keep_tokens_separator == "|||" and first.random_crop
+
+
+def test_color_aug_flag_is_refused_when_the_dataset_is_built(tmp_path):
+    from sd_scripts_surge.data import build_dataset
+
+    (tmp_path / "1_a").mkdir()
+    cfg = parse_train_args(["--train_data_dir", str(tmp_path), "--color_aug"])
+    with pytest.raises(ConfigError, match="color_aug.*cached latents"):
+        build_dataset(cfg)
+
+
+@pytest.mark.parametrize("flags, key", [
+    (["--caption_dropout_rate", "1.5"], "caption_dropout_rate"),
+    (["--caption_tag_dropout_rate", "-0.1"], "caption_tag_dropout_rate"),
+    (["--caption_dropout_every_n_epochs", "-1"], "caption_dropout_every_n_epochs"),
+    (["--prior_loss_weight", "-1"], "prior_loss_weight"),
+    (["--prior_loss_weight", "nan"], "prior_loss_weight"),
+])
+def test_bad_subset_flags_name_the_key(flags, key):
+    with pytest.raises(ConfigError, match=key):
+        parse_train_args(flags)
