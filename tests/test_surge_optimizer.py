@@ -295,3 +295,34 @@ def test_half_params_train_with_stochastic_rounding():
         run(opt, params, range(5))
         assert all(p.dtype == dtype and not torch.equal(p, s) for p, s in zip(params, start))
         assert all(torch.isfinite(p).all() for p in params)
+
+
+# ------------------------------------------------------------------------------------ multi-tensor path
+
+
+@pytest.mark.parametrize("relative_step,scale_parameter,warmup_init,beta1,weight_decay", CONFIGS)
+@pytest.mark.parametrize("standalone,surge_scale", [(False, 2.5), (True, 1.0)])
+def test_foreach_path_is_bitwise_the_per_tensor_path(relative_step, scale_parameter, warmup_init, beta1,
+                                                     weight_decay, standalone, surge_scale):
+    kw = dict(relative_step=relative_step, scale_parameter=scale_parameter, warmup_init=warmup_init, beta1=beta1,
+              weight_decay=weight_decay, lr=None if relative_step else 1e-2, standalone=standalone,
+              surge_scale=surge_scale, smooth_rate=1.0)
+    fast, slow = make_params(), make_params()
+    fast.append(torch.nn.Parameter(torch.ones(3, 2, dtype=torch.bfloat16)))  # takes the per-tensor path in both
+    slow.append(torch.nn.Parameter(torch.ones(3, 2, dtype=torch.bfloat16)))
+    opt_fast, opt_slow = AdaSurge(fast, foreach=True, **kw), AdaSurge(slow, foreach=False, **kw)
+    torch.manual_seed(0)
+    for s in range(8):
+        set_grads(fast, s)
+        set_grads(slow, s)
+        if s == 3:  # one tensor skips a step: the tensors' step counts differ from then on
+            fast[1].grad[0, 0] = float("nan")
+            slow[1].grad[0, 0] = float("nan")
+        torch.manual_seed(s)
+        opt_fast.step()
+        torch.manual_seed(s)
+        opt_slow.step()
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+    assert opt_fast.param_groups[0]["surge_ratio"] == opt_slow.param_groups[0]["surge_ratio"]
+    assert opt_fast.state[fast[1]]["step"] == 7 and opt_fast.state[fast[0]]["step"] == 8
