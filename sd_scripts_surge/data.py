@@ -474,9 +474,13 @@ class TextEmbeddingCache:
                 missing.append(caption)
         from tqdm import tqdm
 
-        starts = range(0, len(missing), self.batch_size)
+        # A kept embedding must not depend on which captions it was encoded with (a batch of one takes another
+        # BLAS path: pooled outputs differ by ~4e-7), or a resumed run or a warm disk cache would differ from a
+        # fresh run. Kept ones are encoded one caption per call; per-batch ones (store=False) batch by batch.
+        size = 1 if store else self.batch_size
+        starts = range(0, len(missing), size)
         for start in tqdm(starts, desc="caching text embeddings", disable=not progress or len(missing) < 64):
-            chunk = missing[start:start + self.batch_size]
+            chunk = missing[start:start + size]
             context, pooled = encode_prompts_sdxl(chunk, self.tokenizers, self.text_encoders)
             self.encoded += len(chunk)
             for i, caption in enumerate(chunk):

@@ -173,6 +173,15 @@ def test_text_embedding_cache_memory_and_disk(tmp_path, text_stack):
     assert third.encoded == 1
 
 
+def test_kept_embedding_does_not_depend_on_its_companions(text_stack):
+    """A caption's kept embedding is the same whether it was cached alone or with others (resume, warm caches)."""
+    tokenizers, encoders = text_stack
+    alone, with_others = TextEmbeddingCache(tokenizers, encoders), TextEmbeddingCache(tokenizers, encoders)
+    context_a, pooled_a = alone(["a red circle"])
+    context_b, pooled_b = with_others(["green square, small", "a red circle", "blue dot"])
+    assert torch.equal(context_a[0], context_b[1]) and torch.equal(pooled_a[0], pooled_b[1])
+
+
 def test_dataset_text_cache_fills_batches(tmp_path, vae, text_stack):
     tokenizers, encoders = text_stack
     data = build_dataset(datasets=make_images(tmp_path))
