@@ -245,9 +245,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--max_steps", type=int, default=150)
-    parser.add_argument("--eval_every", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--target", default="0.6,0.3",
+    parser.add_argument("--eval_every", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=1e-4, help="one LR for every method (3e-4 and 1e-3 were noisy "
+                                                                 "or diverged in pilots)")
+    parser.add_argument("--target", default="0.5,0.3,0.2",
                         help="thresholds as fractions of the start MSE, comma-separated (one table each)")
     parser.add_argument("--tasks", default="a,b,a_large",
                         help="a: LoRA teacher; b: BK-SDM-Small pruned student; a_large: task a on the larger config")
@@ -256,7 +257,7 @@ def main() -> None:
     parser.add_argument("--work", default="bench/out/surge")
     parser.add_argument("--lora_steps", type=int, default=100)
     parser.add_argument("--large_base_steps", type=int, default=150, help="pre-training steps of the larger base")
-    parser.add_argument("--repeats", type=int, default=0,
+    parser.add_argument("--repeats", type=int, default=3,
                         help="num_repeats for every dataset subset (0: the kit's own, 10 and 5); sets the epoch "
                              "length, and so how often surge re-measures the student and moves its LRs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: up to 2)")
