@@ -55,7 +55,7 @@ IGNORED_SD_SCRIPTS_KEYS = frozenset("""
     save_last_n_epochs save_last_n_epochs_state save_last_n_steps save_last_n_steps_state save_state_on_train_end
     save_state_to_huggingface log_tracker_name log_tracker_config log_config training_comment metadata_title
     metadata_author metadata_description metadata_license metadata_tags face_crop_aug_range debug_dataset in_json
-    dataset_repeats reg_data_dir token_warmup_min token_warmup_step weighted_captions scale_v_pred_loss_like_noise_pred
+    dataset_repeats token_warmup_min token_warmup_step weighted_captions scale_v_pred_loss_like_noise_pred
     v_pred_like_loss zero_terminal_snr min_timestep max_timestep timestep_sampling discrete_flow_shift fp8_base
     fp8_base_unet fused_backward_pass fused_optimizer_groups lr_scheduler_min_lr_ratio lr_scheduler_timescale
     lr_decay_steps stop_text_encoder_training dim_from_weights scale_weight_norms network_dropout base_weights
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tokenizer_cache_dir", type=str, help="local tokenizer folder (never downloads)")
     a("--dataset_config", type=str, help="kohya dataset TOML ([general], [[datasets]], [[datasets.subsets]])")
     a("--train_data_dir", type=str, help="folder of NN_name subfolders (NN = repeats)")
+    a("--reg_data_dir", type=str, help="regularisation images in NN_name subfolders (with --train_data_dir); their "
+      "count per epoch is matched to the training images, their loss weighted by --prior_loss_weight")
     a("--resolution", type=str, default="1024", help="W,H or one number")
     flag("--enable_bucket")
     a("--min_bucket_reso", type=int, default=256)
@@ -275,6 +277,7 @@ class TrainConfig:
     tokenizer_cache_dir: str | None = None
     dataset_config: str | None = None
     train_data_dir: str | None = None
+    reg_data_dir: str | None = None
     resolution: tuple[int, int] = (1024, 1024)  # (width, height) like sd-scripts
     enable_bucket: bool = False
     min_bucket_reso: int = 256

@@ -805,7 +805,7 @@ def load_datasets(cfg: TrainConfig | None, dataset_config: str | Path | None,
     if dataset_config:
         return load_dataset_config(dataset_config, cfg)
     if train_data_dir:
-        return dataset_config_from_folder(train_data_dir, cfg)
+        return dataset_config_from_folder(train_data_dir, cfg, reg_data_dir=cfg.reg_data_dir if cfg else None)
     raise DataError("no training data: give --dataset_config (TOML) or --train_data_dir (NN_name folders)")
 
 
@@ -828,7 +828,8 @@ def build_dataset(cfg: TrainConfig | None = None, datasets: list[DatasetConfig] 
             if subset.color_aug:
                 raise ConfigError(f"dataset #{index + 1} subset #{number} ({subset.image_dir}): color_aug cannot be "
                                   "used with cached latents, and this trainer always caches them (sd-scripts refuses "
-                                  "color_aug with cache_latents too); remove color_aug from that subset")
+                                  "color_aug with cache_latents too); remove color_aug from that subset (or the "
+                                  "--color_aug flag)")
             records += scan_subset(subset, dataset, index, buckets, skipped, seed)
     if len(skipped):
         (log or logger.warning)(skipped.summary())

@@ -203,6 +203,22 @@ def parse_dataset_tables(data: dict[str, Any], path: Path | str, base_dir: Path,
     return datasets
 
 
+def _folder_subsets(root: Path, values: dict, flag: str, is_reg: bool) -> list[SubsetConfig]:
+    subsets = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        match = FOLDER_PATTERN.match(folder.name)
+        if not match:
+            logger.warning("%s: ignoring folder %r (not named like '10_name', where 10 = repeats)", root, folder.name)
+            continue
+        subset_values = {k: v for k, v in values.items() if k in SUBSET_KEYS}
+        subset_values.update(image_dir=str(folder), num_repeats=int(match.group(1)), class_tokens=match.group(2),
+                             is_reg=is_reg)
+        subsets.append(_subset(subset_values, root, str(folder)))
+    if not subsets:
+        raise ConfigError(f"{flag} {root}: no subfolders named like '10_name' (10 = repeats)")
+    return subsets
+
+
 def load_dataset_config(path: str | Path, train: TrainConfig | None = None) -> list[DatasetConfig]:
     """Parse a kohya dataset TOML. `train` supplies the defaults sd-scripts takes from the command line."""
     path = Path(path)
@@ -212,25 +228,21 @@ def load_dataset_config(path: str | Path, train: TrainConfig | None = None) -> l
 
 
 def dataset_config_from_folder(train_data_dir: str | Path, train: TrainConfig | None = None,
-                               **overrides: Any) -> list[DatasetConfig]:
+                               reg_data_dir: str | Path | None = None, **overrides: Any) -> list[DatasetConfig]:
     """sd-scripts' folder form: every `NN_name` subfolder is a subset with NN repeats and class tokens "name".
 
-    `overrides` are dataset or subset keys (e.g. resolution=64, bucket_reso_steps=16) on top of `train`'s.
+    `reg_data_dir` adds its `NN_name` subfolders as regularisation subsets (is_reg). `overrides` are dataset or
+    subset keys (e.g. resolution=64, bucket_reso_steps=16) on top of `train`'s.
     """
     root = Path(train_data_dir)
     if not root.is_dir():
         raise ConfigError(f"--train_data_dir {root}: folder not found")
     _check_keys(overrides, GENERAL_KEYS, "dataset_config_from_folder()", root)
     values = {**_cli_defaults(train), **overrides}
-    subsets = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        match = FOLDER_PATTERN.match(folder.name)
-        if not match:
-            logger.warning("%s: ignoring folder %r (not named like '10_name', where 10 = repeats)", root, folder.name)
-            continue
-        subset_values = {k: v for k, v in values.items() if k in SUBSET_KEYS}
-        subset_values.update(image_dir=str(folder), num_repeats=int(match.group(1)), class_tokens=match.group(2))
-        subsets.append(_subset(subset_values, root, str(folder)))
-    if not subsets:
-        raise ConfigError(f"--train_data_dir {root}: no subfolders named like '10_name' (10 = repeats)")
+    subsets = _folder_subsets(root, values, "--train_data_dir", is_reg=False)
+    if reg_data_dir is not None:
+        reg_root = Path(reg_data_dir)
+        if not reg_root.is_dir():
+            raise ConfigError(f"--reg_data_dir {reg_root}: folder not found")
+        subsets += _folder_subsets(reg_root, values, "--reg_data_dir", is_reg=True)
     return [_dataset({k: v for k, v in values.items() if k in DATASET_KEYS}, subsets, str(root))]

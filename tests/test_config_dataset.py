@@ -112,6 +112,21 @@ def test_folder_form_errors(tmp_path):
         dataset_config_from_folder(tmp_path, num_repeat=2)
 
 
+def test_reg_data_dir_adds_regularisation_subsets(tmp_path):
+    (tmp_path / "train" / "5_sks dog").mkdir(parents=True)
+    (tmp_path / "reg" / "1_dog").mkdir(parents=True)
+    cfg = parse_train_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", str(tmp_path / "train"),
+                            "--reg_data_dir", str(tmp_path / "reg"), "--prior_loss_weight", "0.5"])
+    (ds,) = dataset_config_from_folder(cfg.train_data_dir, cfg, reg_data_dir=cfg.reg_data_dir)
+    flags = {s.image_dir.name: s.is_reg for s in ds.subsets}
+    assert flags == {"5_sks dog": False, "1_dog": True}
+    with pytest.raises(ConfigError, match="--reg_data_dir .*not found"):
+        dataset_config_from_folder(tmp_path / "train", reg_data_dir=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="--reg_data_dir .*10_name"):
+        dataset_config_from_folder(tmp_path / "train", reg_data_dir=tmp_path / "empty")
+
+
 SUBSET_FLAGS = ["--flip_aug", "--random_crop", "--caption_dropout_rate", "0.25", "--caption_dropout_every_n_epochs",
                 "3", "--caption_tag_dropout_rate", "0.1", "--caption_prefix", "pre", "--caption_suffix", "post",
                 "--keep_tokens_separator", "|||", "--shuffle_caption", "--keep_tokens", "2"]
