@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from ..data import encode_prompts_sdxl
 from .architecture import (
     build_tiny_text_encoders,
     build_tiny_unet,
@@ -200,17 +201,9 @@ class PromptEncoder:
         self.te1, self.te2 = te1.eval(), te2.eval()
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @torch.no_grad()
     def _encode_one(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = [
-            tok(caption, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                return_tensors="pt").input_ids
-            for tok in self.tokenizers
-        ]
-        out1 = self.te1(ids[0], output_hidden_states=True)
-        out2 = self.te2(ids[1], output_hidden_states=True)
-        context = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)[0]
-        return context, out2.text_embeds[0]
+        context, pooled = encode_prompts_sdxl([caption], self.tokenizers, (self.te1, self.te2))
+        return context[0], pooled[0]
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         for caption in captions:
