@@ -70,6 +70,7 @@ def train(cfg: TrainConfig) -> Path:
         with accelerator.main_process_first():
             surge = parts.build_surge(cfg, sources, student, unit_map, data, alphas_cumprod, accelerator, log)
     loss_fn = parts.build_loss(cfg, unit_map, alphas_cumprod, surge)
+    parts.apply_full_bf16(cfg, trainable, log)
 
     if trainable.network is None:
         unet, optimizer, scheduler = accelerator.prepare(student.unet, optimizer, scheduler)

@@ -173,6 +173,21 @@ def make_trainable(cfg: TrainConfig, student: ModelBundle, log: Callable[[str], 
     return Trainable(f"a LoRA (dim {network.lora_dim}, alpha {network.alpha}) on the UNet", network, network, named)
 
 
+def apply_full_bf16(cfg: TrainConfig, trainable: Trainable, log: Callable[[str], None]) -> None:
+    """sd-scripts' --full_bf16: the trained weights themselves in bf16 (half the memory of weights and grads).
+
+    Called after the teacher is built, so a teacher hooked onto a copy of the student keeps fp32 weights.
+    ADA_SURGE updates bf16 weights through fp32 math with stochastic rounding."""
+    if cfg.full_fp16:
+        log("full_fp16 is not applied: the trained weights stay fp32 under fp16 autocast (fp16 weights need "
+            "accelerate's GradScaler patched, as sd-scripts does); use full_bf16 + mixed_precision bf16 for "
+            "half-precision weights")
+    if not cfg.full_bf16:
+        return
+    trainable.module.to(torch.bfloat16)
+    log("full_bf16: trained weights are kept in bf16")
+
+
 def unit_map_for(cfg: TrainConfig, unet: nn.Module) -> UnitMap:
     return build_unit_map(unet, cfg.surge.unit_map)
 

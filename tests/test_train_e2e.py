@@ -84,3 +84,20 @@ def test_nan_loss_skips_step_and_backs_off_lr(tiny_kit, tmp_path: Path, monkeypa
     assert captured["scheduler"].base_lrs == [lr * 0.5 for lr in captured["base_lrs"]]
     weights = unet_tensors(final)
     assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+
+
+@pytest.mark.slow
+def test_bf16_full_bf16_and_gradient_checkpointing_train_on_cpu(tiny_kit, tmp_path: Path, capsys) -> None:  # noqa: F811
+    """The mixed-precision path a GPU run takes (bf16 autocast, bf16 weights, checkpointing), here on the CPU."""
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.toml", tiny_kit, out, steps=2)
+    final = train(parse_train_args(["--config_file", str(cfg), "--mixed_precision", "bf16", "--full_bf16",
+                                    "--gradient_checkpointing", "--save_precision", "bf16"]))
+    assert "trained weights are kept in bf16" in capsys.readouterr().out
+    tensors = unet_tensors(final)
+    assert {v.dtype for v in tensors.values()} == {torch.bfloat16}
+    trained = load_model(str(final), dtype=torch.float32).unet
+    base = load_model(str(tiny_kit.base_dir), dtype=torch.float32).unet
+    assert any(not torch.equal(a, b.to(torch.bfloat16).float())
+               for a, b in zip(trained.parameters(), base.parameters())), "bf16 training changed nothing"
+    assert all(torch.isfinite(v.float()).all() for v in tensors.values())
