@@ -6,7 +6,8 @@ Side by side in one run, on the tiny kit, same student, teacher, data and held-o
   adamw_kd       AdamW, task + output KD (what people do today with kohya + a teacher)
   adafactor_kd   Adafactor (kohya's recommended fixed-LR settings), task + output KD
   bksdm          AdamW, task + output KD + feature KD on every unit, equal weights (BK-SDM)
-  ablations      surge_random_lr (random per-unit LRs), surge_no_replay, surge_no_cascade
+  ablations      surge_random_lr (random per-unit LRs), surge_no_replay, surge_no_cascade,
+                 surge_no_controller (every multiplier stays 1)
 
 Tasks: (a) student = base, teacher = base + a LoRA trained on the data (hooked, never merged);
        (b) BK-SDM-Small student (one layer fewer per stage, no mid block, kept layers copied from the
@@ -65,6 +66,8 @@ ABLATIONS: dict[str, list[str]] = {
     "surge_random_lr": METHODS["surge"] + ["--surge_random_lr", "true"],
     "surge_no_replay": METHODS["surge"] + ["--surge_replay_units", "0"],
     "surge_no_cascade": [a if a != "cascade" else "cosine_with_restarts" for a in METHODS["surge"]],
+    # not asked for by the issue; isolates the controller (all multipliers stay 1, everything else as surge)
+    "surge_no_controller": METHODS["surge"] + ["--surge_controller", "false"],
 }
 
 
@@ -253,7 +256,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="a,b,a_large",
                         help="a: LoRA teacher; b: BK-SDM-Small pruned student; a_large: task a on the larger config")
     parser.add_argument("--methods", default="surge,adamw_kd,adafactor_kd,bksdm")
-    parser.add_argument("--ablations", default="surge_random_lr,surge_no_replay,surge_no_cascade")
+    parser.add_argument("--ablations", default="surge_random_lr,surge_no_replay,surge_no_cascade,surge_no_controller")
     parser.add_argument("--work", default="bench/out/surge")
     parser.add_argument("--lora_steps", type=int, default=100)
     parser.add_argument("--large_base_steps", type=int, default=150, help="pre-training steps of the larger base")
