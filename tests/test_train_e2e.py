@@ -86,8 +86,24 @@ def test_nan_loss_skips_step_and_backs_off_lr(tiny_kit, tmp_path: Path, monkeypa
     assert all(bool(torch.isfinite(t).all()) for t in weights.values())
 
 
+@pytest.fixture()
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state: a run with another mixed_precision needs it reset (and after)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    def reset() -> None:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+    reset()
+    yield
+    reset()
+
+
 @pytest.mark.slow
-def test_bf16_full_bf16_and_gradient_checkpointing_train_on_cpu(tiny_kit, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_bf16_full_bf16_and_gradient_checkpointing_train_on_cpu(tiny_kit, tmp_path: Path, capsys,  # noqa: F811
+                                                                 fresh_accelerate_state) -> None:
     """The mixed-precision path a GPU run takes (bf16 autocast, bf16 weights, checkpointing), here on the CPU."""
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "cfg.toml", tiny_kit, out, steps=2)
