@@ -7,7 +7,8 @@ Side by side in one run, on the tiny kit, same student, teacher, data and held-o
   adafactor_kd   Adafactor (kohya's recommended fixed-LR settings), task + output KD
   bksdm          AdamW, task + output KD + feature KD on every unit, equal weights (BK-SDM)
   ablations      surge_random_lr (random per-unit LRs), surge_no_replay, surge_no_cascade,
-                 surge_no_controller (every multiplier stays 1)
+                 surge_no_controller (every multiplier stays 1); variant surge_keep_mean (targets at mean 1,
+                 run with --ablations surge_keep_mean)
 
 Tasks: (a) student = base, teacher = base + a LoRA trained on the data (hooked, never merged);
        (b) BK-SDM-Small student (one layer fewer per stage, no mid block, kept layers copied from the
@@ -68,6 +69,8 @@ ABLATIONS: dict[str, list[str]] = {
     "surge_no_cascade": [a if a != "cascade" else "cosine_with_restarts" for a in METHODS["surge"]],
     # not asked for by the issue; isolates the controller (all multipliers stay 1, everything else as surge)
     "surge_no_controller": METHODS["surge"] + ["--surge_controller", "false"],
+    # a variant, not an ablation: targets rescaled to mean 1 (redistribute LR between units, do not lower it)
+    "surge_keep_mean": METHODS["surge"] + ["--surge_keep_mean_lr", "true"],
 }
 
 

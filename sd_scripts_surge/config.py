@@ -80,7 +80,7 @@ IGNORED_PREFIXES = ("wandb_", "huggingface_", "metadata_", "dynamo_", "deepspeed
 SURGE_KEYS = ("shock_rate", "smooth_rate", "max_hops", "anchor_grasp", "pre_change_layers", "post_change_layers",
               "num_seeds", "probes", "flavor_resolution", "flavor_cache_dir", "replay_steps", "replay_units",
               "replay_lr", "traj_weight", "w_task", "w_out", "feature_weight", "unit_map", "teachers", "controller",
-              "random_lr", "eval_every_n_steps", "target_teacher_mse")
+              "random_lr", "keep_mean_lr", "eval_every_n_steps", "target_teacher_mse")
 UNIT_MAPS = ("mbw", "fine")
 SDXL_BLOCK_LR_COUNT = 23  # time/label emb, input_blocks 0-8, middle 0-2, output_blocks 0-8, out
 _warned_ignored: set[str] = set()
@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--surge_feature_weight", type=float, default=0.0, help="BK-SDM-style feature KD weight (baselines)")
     a("--surge_controller", type=_bool, default=True, help="false: no per-unit LRs (output-KD baselines)")
     a("--surge_random_lr", type=_bool, default=False, help="ablation: random per-unit multipliers")
+    a("--surge_keep_mean_lr", type=_bool, default=False,
+      help="rescale the per-unit targets to mean 1: redistribute LR between units instead of lowering it")
     a("--surge_eval_every_n_steps", type=int, default=0, help="held-out teacher-matching MSE every N steps")
     a("--surge_target_teacher_mse", type=float, default=0.0, help="stop once the held-out MSE is at most this")
     # --- config files
@@ -263,6 +265,7 @@ class SurgeConfig:
     feature_weight: float = 0.0
     controller: bool = True
     random_lr: bool = False
+    keep_mean_lr: bool = False
     eval_every_n_steps: int = 0
     target_teacher_mse: float = 0.0
     teachers: list = field(default_factory=list)  # teachers.TeacherSpec, one per [[surge.teachers]] table

@@ -13,6 +13,9 @@ Target rule (`target_multipliers`, a pure function), for each unit l with mean r
 3. Slow ("knotted") zones: target_l × smooth_rate.
 4. Units with no anchor within `max_hops` (N_l empty) keep 1.0: there is no reliable reference near them.
    With no anchors at all, every target is 1.0.
+5. Optional (`keep_mean`, not in DESIGN): targets divided by their mean over units and clamped again to
+   [1/shock_rate, shock_rate], so the controller moves LR between units instead of lowering the overall LR
+   (on a depth-pruned student the plain rule gives most units < 1; see bench/README.md).
 
 Dynamics (`UnitLRController`): at each `update()` (once per epoch) the new goal of every unit is
 goal = m + smooth_rate·(target − m), a lerp from the multiplier m in force; the applied multiplier then ramps
@@ -45,6 +48,7 @@ class ControllerConfig:
     smooth_rate: float = 0.5641895835  # 1/√π
     max_hops: int = 4
     anchor_grasp: int = 3
+    keep_mean: bool = False
 
     def __post_init__(self) -> None:
         if self.shock_rate < 1:
@@ -84,6 +88,9 @@ def target_multipliers(d: Mapping[str, float], anchors: Sequence[str], slow: Seq
         anchor_level = sum(raw[a] for a, _ in near) / len(near)
         t = (1 - pull) * raw[u] + pull * anchor_level
         targets[u] = t * config.smooth_rate if u in slow else t
+    if config.keep_mean and targets:
+        level = sum(targets.values()) / len(targets)
+        targets = {u: min(max(t / level, 1 / s), s) for u, t in targets.items()}
     return targets
 
 

@@ -231,7 +231,8 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total: i
 
 def build_controller(cfg: TrainConfig, unit_map: UnitMap) -> UnitLRController:
     config = ControllerConfig(shock_rate=cfg.surge.shock_rate, smooth_rate=cfg.surge.smooth_rate,
-                              max_hops=cfg.surge.max_hops, anchor_grasp=cfg.surge.anchor_grasp)
+                              max_hops=cfg.surge.max_hops, anchor_grasp=cfg.surge.anchor_grasp,
+                              keep_mean=cfg.surge.keep_mean_lr)
     return UnitLRController(unit_map, hop_distances(unit_map), config)
 
 

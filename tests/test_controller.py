@@ -48,6 +48,20 @@ def test_target_rule_by_hand():
     assert target_multipliers(d, [], [], hops, cfg) == {u: 1.0 for u in d}
 
 
+def test_keep_mean_rescales_targets_to_mean_one():
+    unit_map = chain_map(5)
+    hops = hop_distances(unit_map)
+    d = {"u0": 0.0, "u1": 2.4, "u2": 3.0, "u3": 9.6, "u4": 0.0}
+    plain = target_multipliers(d, ["u0"], ["u2"], hops, ControllerConfig(shock_rate=2.0, smooth_rate=0.5,
+                                                                         max_hops=2, anchor_grasp=1))
+    kept = target_multipliers(d, ["u0"], ["u2"], hops, ControllerConfig(shock_rate=2.0, smooth_rate=0.5,
+                                                                        max_hops=2, anchor_grasp=1, keep_mean=True))
+    level = sum(plain.values()) / len(plain)
+    assert level < 1.0  # the plain rule lowers the average LR here
+    assert kept == pytest.approx({u: min(max(t / level, 0.5), 2.0) for u, t in plain.items()})
+    assert sum(kept.values()) / len(kept) == pytest.approx(1.0)  # no clamp bites in this case
+
+
 def test_grasp_uses_several_anchors():
     unit_map = chain_map(5)
     hops = hop_distances(unit_map)
