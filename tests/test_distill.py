@@ -47,11 +47,17 @@ def test_identical_student_has_zero_distillation_terms(setup):
     assert set(terms) == {"kd", "traj"}
 
 
-def test_perturbed_student_gets_gradients_from_every_term(setup):
-    teacher, unit_map, latents, context, added = setup
+def _perturbed_student(teacher):
+    """A trainable copy of `teacher` whose first mid-block ResBlock conv is scaled by 1.5."""
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     with torch.no_grad():
         student.get_submodule("mid_block").resnets[0].conv1.weight.mul_(1.5)
+    return student
+
+
+def test_perturbed_student_gets_gradients_from_every_term(setup):
+    teacher, unit_map, latents, context, added = setup
+    student = _perturbed_student(teacher)
     batch = noise_batch(latents, context, added, scaled_linear_alphas_cumprod(), torch.Generator().manual_seed(1))
     loss_fn = _loss(unit_map, LossWeights(task=1.0, out=1.0, traj=1.0))
     total, terms = loss_fn(student, student, lambda kw: teacher(**kw).sample, teacher, batch)
@@ -102,9 +108,7 @@ def test_feature_kd_is_mean_of_unit_mses(setup):
 
 def test_prior_loss_weight_down_weights_regularisation_samples_in_the_task_term(setup):
     teacher, unit_map, latents, context, added = setup
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    with torch.no_grad():
-        student.get_submodule("mid_block").resnets[0].conv1.weight.mul_(1.5)
+    student = _perturbed_student(teacher)
     batch = noise_batch(latents, context, added, scaled_linear_alphas_cumprod(), torch.Generator().manual_seed(3))
     loss_fn = _loss(unit_map, LossWeights(task=1.0, out=1.0, traj=0.0))
     call = lambda kw: teacher(**kw).sample  # noqa: E731
