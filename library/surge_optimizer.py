@@ -171,8 +171,9 @@ class AdaSurge(torch.optim.Optimizer):
         standalone: True / False / None (auto: on unless a group has a "unit" key).
         state_dtype: 'fp32' or 'fp64' (also 32/64). stochastic_rounding: for bf16/fp16 parameters.
         foreach: update the tensors of a group whose dtype is the state dtype together with torch's multi-tensor
-            (_foreach) kernels — same formulas, far fewer kernel launches for the many small tensors of a LoRA
-            or a small UNet (results agree with the per-tensor path to float rounding). False: one by one.
+            (_foreach) kernels — the same operations in the same order, far fewer kernel launches for the many
+            small tensors of a LoRA or a small UNet (bitwise the per-tensor result on the CPU; CUDA's fused
+            kernels may round differently). False: one by one.
     """
 
     def __init__(

@@ -310,6 +310,14 @@ def _stage_of(spec: UnitSpec) -> tuple:
     return (spec.name,)
 
 
+def _by_stage(unit_map: UnitMap) -> dict[tuple, list[UnitSpec]]:
+    """The map's units grouped by `_stage_of`, in execution order within each stage."""
+    stages: dict[tuple, list[UnitSpec]] = {}
+    for spec in unit_map.units:
+        stages.setdefault(_stage_of(spec), []).append(spec)
+    return stages
+
+
 def _same_layout(student: nn.Module, teacher: nn.Module) -> bool:
     keys = ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
             "transformer_layers_per_block", "mid_block_type")
@@ -346,12 +354,7 @@ def aligned_teacher_map(student_map: UnitMap, student: nn.Module, teacher: nn.Mo
                          f"widths must match (student {tuple(student.config.block_out_channels)}, teacher "
                          f"{tuple(teacher.config.block_out_channels)})")
     teacher_map = mbw_unit_map(teacher)
-    t_stages: dict[tuple, list[UnitSpec]] = {}
-    for spec in teacher_map.units:
-        t_stages.setdefault(_stage_of(spec), []).append(spec)
-    s_stages: dict[tuple, list[UnitSpec]] = {}
-    for spec in student_map.units:
-        s_stages.setdefault(_stage_of(spec), []).append(spec)
+    t_stages, s_stages = _by_stage(teacher_map), _by_stage(student_map)
     aligned: dict[str, UnitSpec] = {}
     for stage, s_layers in s_stages.items():
         t_layers = t_stages.get(stage)
