@@ -22,9 +22,9 @@ setup(
     extras_require={"dev": ["pytest==9.2.0", "ruff==0.17.5"], "8bit": ["bitsandbytes==0.50.2"]},
     entry_points={
         "console_scripts": [
-            "sd-surge-train=sd_scripts_surge.train:main",
+            "sd-surge-train=sd_scripts_surge.training.train:main",
             "sd-merge=merge_tools.cli:main",
-            "sd-surge-gui=sd_scripts_surge.gui:main",
+            "sd-surge-gui=sd_scripts_surge.gui.app:main",
             "sd-surge-tiny=sd_scripts_surge.tiny.__main__:main",
         ]
     },

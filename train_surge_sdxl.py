@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def main() -> None:
-    from sd_scripts_surge.train import main as train_main
+    from sd_scripts_surge.training.train import main as train_main
 
     train_main()
 

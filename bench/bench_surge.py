@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sd_scripts_surge.config import parse_train_args  # noqa: E402
-from sd_scripts_surge.train import train  # noqa: E402
+from sd_scripts_surge.training.train import train  # noqa: E402
 
 COMMON = [
     "--seed", "{seed}", "--max_train_steps", "{max_steps}", "--train_batch_size", "4",
@@ -111,8 +111,8 @@ def dataset_with_repeats(toml_path: Path, work: Path, repeats: int) -> Path:
 
 def make_pruned_student(kit, work: Path) -> Path:
     """Task (b)'s student: BK-SDM-Small pruning of the teacher (one layer fewer per stage, no mid block),
-    every kept layer initialised from the teacher (`sd_scripts_surge.prune`)."""
-    from sd_scripts_surge.prune import prune_pipeline_folder
+    every kept layer initialised from the teacher (`sd_scripts_surge.models.prune`)."""
+    from sd_scripts_surge.models.prune import prune_pipeline_folder
 
     folder = work / "pruned_student_bk_small"
     if (folder / "unet" / "config.json").exists():

@@ -32,16 +32,16 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sd_scripts_surge.anchors import UnitStats, UnitStatsAccumulator, ZoneRules, Zones, find_zones  # noqa: E402
-from sd_scripts_surge.capture import CaptureOptions, capture_flavor  # noqa: E402
-from sd_scripts_surge.controller import ControllerConfig, UnitLRController, build_unit_param_groups  # noqa: E402
-from sd_scripts_surge.flavors import build_or_load_flavors, make_cache_key  # noqa: E402
-from sd_scripts_surge.losses import scaled_linear_alphas_cumprod  # noqa: E402
-from sd_scripts_surge.probes import ProbeSet, make_probes  # noqa: E402
-from sd_scripts_surge.replay import replay_unit  # noqa: E402
+from sd_scripts_surge.surge.anchors import UnitStats, UnitStatsAccumulator, ZoneRules, Zones, find_zones  # noqa: E402
+from sd_scripts_surge.surge.capture import CaptureOptions, capture_flavor  # noqa: E402
+from sd_scripts_surge.surge.controller import ControllerConfig, UnitLRController, build_unit_param_groups  # noqa: E402
+from sd_scripts_surge.surge.flavors import build_or_load_flavors, make_cache_key  # noqa: E402
+from sd_scripts_surge.surge.losses import scaled_linear_alphas_cumprod  # noqa: E402
+from sd_scripts_surge.surge.perturb import perturbed_copy  # noqa: E402
+from sd_scripts_surge.surge.probes import ProbeSet, make_probes  # noqa: E402
+from sd_scripts_surge.surge.replay import replay_unit  # noqa: E402
+from sd_scripts_surge.surge.units import build_unit_map, hop_distances  # noqa: E402
 from sd_scripts_surge.tiny.architecture import build_tiny_unet  # noqa: E402
-from sd_scripts_surge.tiny.perturb import perturbed_copy  # noqa: E402
-from sd_scripts_surge.units import build_unit_map, hop_distances  # noqa: E402
 
 
 def synthetic_pair(args, unit_map_name: str):

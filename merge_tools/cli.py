@@ -21,7 +21,7 @@ from merge_tools import methods
 from merge_tools.engine import MergeOptions, merge
 from merge_tools.io import parse_size
 from merge_tools.recipe import Recipe, RecipeError, load_recipe, single_method
-from sd_scripts_surge.fileio import CheckpointError
+from sd_scripts_surge.models.fileio import CheckpointError
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -46,7 +46,7 @@ from merge_tools.io import (
     side_paths,
 )
 from merge_tools.recipe import ModelRef, Node, Recipe, canonical_json
-from sd_scripts_surge.fileio import SAFETENSORS_DTYPES, CheckpointError, ensure_free_space
+from sd_scripts_surge.models.fileio import SAFETENSORS_DTYPES, CheckpointError, ensure_free_space
 
 ENGINE_VERSION = "1"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}

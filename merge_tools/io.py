@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sd_scripts_surge.fileio import SAFETENSORS_DTYPES, SafetensorsHeader, read_safetensors_header
+from sd_scripts_surge.models.fileio import SAFETENSORS_DTYPES, SafetensorsHeader, read_safetensors_header
 
 TORCH_TO_ST = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

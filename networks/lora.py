@@ -759,7 +759,7 @@ class LoRANetwork(nn.Module):
         Caller metadata wins over the defaults (`default_metadata`); `sshs_model_hash` / `sshs_legacy_hash`
         are added as sd-scripts does (hashes of the tensors saved with only the `ss_*` keys).
         """
-        from sd_scripts_surge.fileio import save_safetensors_atomic
+        from sd_scripts_surge.models.fileio import save_safetensors_atomic
         from sd_scripts_surge.models.metadata import header_metadata
 
         path = Path(file)
@@ -824,7 +824,7 @@ def read_lora_file(file: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     """Tensors and header metadata of a LoRA safetensors file (the header is validated first)."""
     from safetensors.torch import load_file
 
-    from sd_scripts_surge.fileio import read_safetensors_header
+    from sd_scripts_surge.models.fileio import read_safetensors_header
 
     path = Path(file)
     if path.suffix.lower() != ".safetensors":

@@ -647,7 +647,7 @@ def _block_lr(value: Any, where: str) -> list[float]:
 def _teacher_specs(tables: Any, where: str) -> list:
     if not isinstance(tables, list):
         raise ConfigError(f"{where}: [surge] teachers must be a list of [[surge.teachers]] tables")
-    from .teachers import TeacherSpec  # the heavy import only when teachers are configured
+    from sd_scripts_surge.surge.teachers import TeacherSpec  # the heavy import only when teachers are configured
 
     specs = []
     for i, table in enumerate(tables):

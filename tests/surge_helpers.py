@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from sd_scripts_surge.losses import scaled_linear_alphas_cumprod
-from sd_scripts_surge.probes import ProbeSet, make_probes
+from sd_scripts_surge.surge.losses import scaled_linear_alphas_cumprod
+from sd_scripts_surge.surge.perturb import perturbed_copy  # noqa: F401 (re-exported for the tests)
+from sd_scripts_surge.surge.probes import ProbeSet, make_probes
 from sd_scripts_surge.tiny.architecture import build_tiny_unet
-from sd_scripts_surge.tiny.perturb import perturbed_copy  # noqa: F401 (re-exported for the tests)
 
 
 def tiny_kwargs(batch: int = 2, seed: int = 0) -> dict:

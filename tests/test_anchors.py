@@ -8,7 +8,7 @@ import pytest
 import torch
 from surge_helpers import perturbed_copy, restore_threads, tiny_probes, tiny_teacher, use_one_thread
 
-from sd_scripts_surge.anchors import (
+from sd_scripts_surge.surge.anchors import (
     STATISTICS,
     UnitStats,
     UnitStatsAccumulator,
@@ -19,8 +19,8 @@ from sd_scripts_surge.anchors import (
     jaccard,
     relative_difference,
 )
-from sd_scripts_surge.capture import capture_flavor
-from sd_scripts_surge.units import mbw_unit_map
+from sd_scripts_surge.surge.capture import capture_flavor
+from sd_scripts_surge.surge.units import mbw_unit_map
 
 setup_module, teardown_module = use_one_thread, restore_threads
 PERTURBED = ["IN05", "OUT03"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_scripts_surge.block_lr import apply_block_lr, block_index_lookup
 from sd_scripts_surge.config import ConfigError, parse_train_args
-from sd_scripts_surge.controller import UnitLRController, build_unit_param_groups
-from sd_scripts_surge.prune import prune_unet
+from sd_scripts_surge.models.prune import prune_unet
+from sd_scripts_surge.surge.controller import UnitLRController, build_unit_param_groups
+from sd_scripts_surge.surge.units import build_unit_map, hop_distances
 from sd_scripts_surge.tiny.architecture import build_tiny_unet
-from sd_scripts_surge.units import build_unit_map, hop_distances
+from sd_scripts_surge.training.block_lr import apply_block_lr, block_index_lookup
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from surge_helpers import restore_threads, tiny_kwargs, tiny_teacher, use_one_thread
 
-from sd_scripts_surge.capture import (
+from sd_scripts_surge.surge.capture import (
     CaptureOptions,
     UnitCapture,
     attention_head_summary,
@@ -17,7 +17,7 @@ from sd_scripts_surge.capture import (
     pool_tensor,
     top_channels,
 )
-from sd_scripts_surge.units import fine_unit_map, mbw_unit_map
+from sd_scripts_surge.surge.units import fine_unit_map, mbw_unit_map
 
 setup_module, teardown_module = use_one_thread, restore_threads
 
@@ -98,7 +98,7 @@ def test_head_statistics_match_explicit_attention(unet):
 
 def test_encoder_attention_mask_and_query_chunks(unet, monkeypatch):
     """With a token mask the output is still unchanged, and masked tokens get no attention mass."""
-    from sd_scripts_surge import capture
+    from sd_scripts_surge.surge import capture
 
     monkeypatch.setattr(capture, "QUERY_CHUNK", 3)  # 16 queries at level 1 → several chunks
     kwargs = tiny_kwargs(batch=2)

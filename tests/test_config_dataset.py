@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sd_scripts_surge.config import ConfigError, parse_train_args
-from sd_scripts_surge.dataset_config import dataset_config_from_folder, load_dataset_config
+from sd_scripts_surge.data.dataset_config import dataset_config_from_folder, load_dataset_config
 
 DATA = Path(__file__).parent / "data"
 

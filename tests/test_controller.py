@@ -6,7 +6,7 @@ import pytest
 import torch
 from surge_helpers import restore_threads, tiny_teacher, use_one_thread
 
-from sd_scripts_surge.controller import (
+from sd_scripts_surge.surge.controller import (
     OTHER_GROUP,
     ControllerConfig,
     UnitLRController,
@@ -15,7 +15,7 @@ from sd_scripts_surge.controller import (
     nearest_anchors,
     target_multipliers,
 )
-from sd_scripts_surge.units import HookPoint, UnitMap, UnitSpec, hop_distances, mbw_unit_map
+from sd_scripts_surge.surge.units import HookPoint, UnitMap, UnitSpec, hop_distances, mbw_unit_map
 
 setup_module, teardown_module = use_one_thread, restore_threads
 

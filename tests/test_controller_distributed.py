@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sd_scripts_surge.anchors import UnitStatsAccumulator, ZoneRules, find_zones
-from sd_scripts_surge.capture import CaptureOptions, capture_flavor
-from sd_scripts_surge.controller import ControllerConfig, UnitLRController
-from sd_scripts_surge.units import UnitMap, hop_distances, mbw_unit_map
+from sd_scripts_surge.surge.anchors import UnitStatsAccumulator, ZoneRules, find_zones
+from sd_scripts_surge.surge.capture import CaptureOptions, capture_flavor
+from sd_scripts_surge.surge.controller import ControllerConfig, UnitLRController
+from sd_scripts_surge.surge.units import UnitMap, hop_distances, mbw_unit_map
 
 RULES = ZoneRules(slow_time_ratio=None)
 OPTIONS = CaptureOptions(head_stats=False)
@@ -90,7 +90,7 @@ def test_two_ranks_agree_on_multipliers():
 def cache_worker(rank: int, world: int, port: int, directory: str, results) -> None:
     from surge_helpers import tiny_probes, tiny_teacher
 
-    from sd_scripts_surge.flavors import build_or_load_flavors, make_cache_key
+    from sd_scripts_surge.surge.flavors import build_or_load_flavors, make_cache_key
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

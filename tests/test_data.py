@@ -26,7 +26,7 @@ from sd_scripts_surge.data import (
     shuffle_caption,
     split_tags,
 )
-from sd_scripts_surge.dataset_config import DatasetConfig, SubsetConfig, dataset_config_from_folder
+from sd_scripts_surge.data.dataset_config import DatasetConfig, SubsetConfig, dataset_config_from_folder
 
 
 def png(path: Path, size: tuple[int, int], colour: tuple[int, int, int] = (200, 30, 30)) -> Path:
@@ -325,7 +325,7 @@ def test_iterate_yields_batches(tmp_path):
 
 
 def test_tiny_kit_dataset_loads_through_the_pipeline(tmp_path):
-    from sd_scripts_surge.dataset_config import load_dataset_config
+    from sd_scripts_surge.data.dataset_config import load_dataset_config
     from sd_scripts_surge.tiny.dataset import make_dataset
 
     root = make_dataset(tmp_path / "kit", num_shapes=6, num_mixed=2, num_eval=1)

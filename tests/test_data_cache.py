@@ -15,7 +15,6 @@ from accelerate import Accelerator
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from sd_scripts_surge import data as data_module
 from sd_scripts_surge.config import ConfigError, TrainConfig
 from sd_scripts_surge.data import (
     TextEmbeddingCache,
@@ -23,13 +22,13 @@ from sd_scripts_surge.data import (
     build_dataset,
     build_train_data,
     encode_pixels,
-    encode_prompts_sdxl,
     latent_cache_path,
     load_bucket_image,
     to_pixels,
 )
-from sd_scripts_surge.dataset_config import dataset_config_from_folder
+from sd_scripts_surge.data.dataset_config import dataset_config_from_folder
 from sd_scripts_surge.models.bundle import ModelBundle
+from sd_scripts_surge.models.text import encode_prompts_sdxl
 from sd_scripts_surge.tiny.architecture import build_tiny_text_encoders, build_tiny_unet, build_tiny_vae
 from sd_scripts_surge.tiny.tokenizer import EOS_TOKEN, TE2_PAD_TOKEN, build_tokenizer
 
@@ -238,7 +237,7 @@ def test_cache_write_is_atomic(tmp_path, vae, monkeypatch):
         original(file, **arrays)
         raise OSError("disk full")
 
-    monkeypatch.setattr(data_module.np, "savez", failing_savez)
+    monkeypatch.setattr(np, "savez", failing_savez)
     with pytest.raises(OSError, match="disk full"):
         data.cache_latents(vae, to_disk=True, progress=False)
     assert not [p for p in tmp_path.rglob("*") if ".npz" in p.name]  # neither a partial cache nor a temporary

@@ -3,10 +3,10 @@ import copy
 import pytest
 import torch
 
-from sd_scripts_surge.distill import DistillLoss, LossWeights, noise_batch, sub_unit_map, trajectory_units
-from sd_scripts_surge.losses import prior_loss_weights, scaled_linear_alphas_cumprod
+from sd_scripts_surge.surge.distill import DistillLoss, LossWeights, noise_batch, sub_unit_map, trajectory_units
+from sd_scripts_surge.surge.losses import prior_loss_weights, scaled_linear_alphas_cumprod
+from sd_scripts_surge.surge.units import build_unit_map
 from sd_scripts_surge.tiny.architecture import TINY_CONTEXT_DIM, TINY_TE2_PROJECTION, build_tiny_unet
-from sd_scripts_surge.units import build_unit_map
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_feature_kd_is_mean_of_unit_mses(setup):
     batch = noise_batch(latents, context, added, scaled_linear_alphas_cumprod(), torch.Generator().manual_seed(2))
     loss_fn = _loss(unit_map, LossWeights(task=0.0, out=0.0, traj=0.0, feature=1.0))
     _, terms = loss_fn(student, student, lambda kw: teacher(**kw).sample, teacher, batch)
-    from sd_scripts_surge.capture import CaptureOptions, capture_flavor
+    from sd_scripts_surge.surge.capture import CaptureOptions, capture_flavor
 
     sub = loss_fn.traj_map
     _, fs = capture_flavor(student, sub, batch.unet_kwargs, CaptureOptions(head_stats=False))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd_scripts_surge.fileio import (
+from sd_scripts_surge.models.fileio import (
     CheckpointError,
     atomic_output,
     check_finite,

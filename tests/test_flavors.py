@@ -8,8 +8,8 @@ import pytest
 import torch
 from surge_helpers import perturbed_copy, restore_threads, tiny_probes, tiny_teacher, use_one_thread
 
-from sd_scripts_surge.capture import CaptureOptions, UnitCapture, capture_flavor
-from sd_scripts_surge.flavors import (
+from sd_scripts_surge.surge.capture import CaptureOptions, UnitCapture, capture_flavor
+from sd_scripts_surge.surge.flavors import (
     build_or_load_flavors,
     flavor_from_tensors,
     flavor_to_tensors,
@@ -17,14 +17,14 @@ from sd_scripts_surge.flavors import (
     lora_set_key,
     make_cache_key,
 )
-from sd_scripts_surge.losses import (
+from sd_scripts_surge.surge.losses import (
     alpha_sigma,
     output_kd_loss,
     scaled_linear_alphas_cumprod,
     teacher_scales,
     trajectory_loss,
 )
-from sd_scripts_surge.units import mbw_unit_map
+from sd_scripts_surge.surge.units import mbw_unit_map
 
 setup_module, teardown_module = use_one_thread, restore_threads
 
@@ -165,8 +165,8 @@ def test_loss_from_cache_equals_loss_from_live_teacher(setup):
 
 
 def test_probe_set_layout_and_fingerprint():
-    from sd_scripts_surge.losses import add_noise
-    from sd_scripts_surge.probes import make_probes
+    from sd_scripts_surge.surge.losses import add_noise
+    from sd_scripts_surge.surge.probes import make_probes
 
     contexts = torch.randn(2, 77, 64)
     acp = scaled_linear_alphas_cumprod()
@@ -185,7 +185,7 @@ def test_probe_set_layout_and_fingerprint():
 
 
 def test_size_estimate_from_meta_device_matches_real_shard_payload():
-    from sd_scripts_surge.flavors import estimate_flavor_bytes
+    from sd_scripts_surge.surge.flavors import estimate_flavor_bytes
 
     teacher = tiny_teacher(0)
     unit_map = mbw_unit_map(teacher)

@@ -3,7 +3,7 @@ import sys
 import pytest
 import toml
 
-from sd_scripts_surge import gui
+from sd_scripts_surge.gui import app as gui
 
 
 def test_defaults_bind_locally_and_share_nothing():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sd_scripts_surge.losses import (
+from sd_scripts_surge.surge.losses import (
     add_noise,
     alpha_sigma,
     apply_noise_offset,

@@ -188,8 +188,10 @@ def test_tgmd_and_dgmla() -> None:
         d * torch.tensor([[1, 1, 1], [1, 0, 0], [0, 1, 1]][i], dtype=torch.float64) for i, d in enumerate(deltas)
     ]
     expected = base + naive_weiszfeld(filtered)
-    assert torch.allclose(get("tgmd")([base, *ms]), expected, rtol=0, atol=1e-9)
-    assert torch.allclose(get("dgmla")([base, *ms], p=0.0, della_eps=0.0), expected, rtol=0, atol=1e-9)
+    # The median lands on a point here, where the engine's Gram-matrix distances (‖a‖²+‖b‖²−2a·b) lose about
+    # √ε of precision to cancellation (≈1e-8 on some BLAS kernels); the direct loop does not.
+    assert torch.allclose(get("tgmd")([base, *ms]), expected, rtol=0, atol=1e-6)
+    assert torch.allclose(get("dgmla")([base, *ms], p=0.0, della_eps=0.0), expected, rtol=0, atol=1e-6)
 
 
 def test_slerp() -> None:

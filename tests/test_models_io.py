@@ -13,11 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sd_scripts_surge.fileio import CheckpointError, read_safetensors_header
 from sd_scripts_surge.models import io
 from sd_scripts_surge.models.bundle import ModelBundle
 from sd_scripts_surge.models.configs import clean_config
 from sd_scripts_surge.models.convert import clip_canonical_state_dict
+from sd_scripts_surge.models.fileio import CheckpointError, read_safetensors_header
 from sd_scripts_surge.tiny.architecture import build_tiny_text_encoders, build_tiny_unet, build_tiny_vae
 
 DATA = Path(__file__).parent / "data"

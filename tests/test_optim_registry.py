@@ -25,7 +25,7 @@ from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_w
 
 from library.cascade_scheduler import CascadeLR
 from library.surge_optimizer import AdaSurge
-from sd_scripts_surge.optim_registry import create_optimizer, create_scheduler, parse_kv_args
+from sd_scripts_surge.training.optim_registry import create_optimizer, create_scheduler, parse_kv_args
 
 
 def upstream_get_optimizer(optimizer_type: str, optimizer_args: list[str], learning_rate: float, trainable_params):

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_scripts_surge.capture import capture_flavor
-from sd_scripts_surge.prune import prune_pipeline_folder, prune_unet, pruned_config
+from sd_scripts_surge.models.prune import prune_pipeline_folder, prune_unet, pruned_config
+from sd_scripts_surge.surge.capture import capture_flavor
+from sd_scripts_surge.surge.units import aligned_teacher_map, build_unit_map
 from sd_scripts_surge.tiny.architecture import build_tiny_unet
-from sd_scripts_surge.units import aligned_teacher_map, build_unit_map
 
 
 def _kwargs(batch: int = 2) -> dict:

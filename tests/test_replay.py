@@ -6,9 +6,9 @@ import pytest
 import torch
 from surge_helpers import perturbed_copy, restore_threads, tiny_kwargs, tiny_teacher, use_one_thread
 
-from sd_scripts_surge.capture import CaptureOptions, capture_flavor
-from sd_scripts_surge.replay import lerp_unit, replay_unit, run_unit, unit_parameters, window_error
-from sd_scripts_surge.units import fine_unit_map, mbw_unit_map
+from sd_scripts_surge.surge.capture import CaptureOptions, capture_flavor
+from sd_scripts_surge.surge.replay import lerp_unit, replay_unit, run_unit, unit_parameters, window_error
+from sd_scripts_surge.surge.units import fine_unit_map, mbw_unit_map
 
 setup_module, teardown_module = use_one_thread, restore_threads
 

@@ -1,6 +1,6 @@
 import json
 
-from sd_scripts_surge.report import EpochRecord, TrainingHistory, write_report
+from sd_scripts_surge.training.report import EpochRecord, TrainingHistory, write_report
 
 
 def _history() -> TrainingHistory:

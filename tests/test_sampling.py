@@ -1,12 +1,12 @@
 import torch
 
-from sd_scripts_surge.sampling import contact_sheet, decode_to_images, generate_latents, sdxl_time_ids
 from sd_scripts_surge.tiny.architecture import (
     TINY_CONTEXT_DIM,
     TINY_TE2_PROJECTION,
     build_tiny_unet,
     build_tiny_vae,
 )
+from sd_scripts_surge.training.sampling import contact_sheet, decode_to_images, generate_latents, sdxl_time_ids
 
 
 def _encoder(prompts):

@@ -10,7 +10,7 @@ import torch
 
 from networks import lora as L
 from sd_scripts_surge.models.bundle import ModelBundle
-from sd_scripts_surge.teachers import LoRARef, Teacher, TeacherSpec, build_teacher, freeze, make_expert
+from sd_scripts_surge.surge.teachers import LoRARef, Teacher, TeacherSpec, build_teacher, freeze, make_expert
 from sd_scripts_surge.tiny.architecture import build_tiny_text_encoders, build_tiny_unet, build_tiny_vae
 
 TOL = dict(atol=1e-4, rtol=1e-4)

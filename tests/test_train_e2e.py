@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_scripts_surge import trainer_parts
 from sd_scripts_surge.config import parse_train_args
 from sd_scripts_surge.models.io import load_model
-from sd_scripts_surge.train import train
+from sd_scripts_surge.training import optimization, surge_setup
+from sd_scripts_surge.training.train import train
 from tests.tiny_fixtures import tiny_kit  # noqa: F401
 from tests.train_helpers import unet_tensors, write_config
 
@@ -56,7 +56,7 @@ def test_plain_fine_tune_without_teacher_and_diffusers_output(tiny_kit, tmp_path
 def test_nan_loss_skips_step_and_backs_off_lr(tiny_kit, tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: F811
     calls = {"loss": 0}
     captured: dict = {}
-    real_build_loss, real_build_scheduler = trainer_parts.build_loss, trainer_parts.build_scheduler
+    real_build_loss, real_build_scheduler = surge_setup.build_loss, optimization.build_scheduler
 
     def nan_once_loss(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         loss_fn = real_build_loss(*args, **kwargs)
@@ -74,8 +74,8 @@ def test_nan_loss_skips_step_and_backs_off_lr(tiny_kit, tmp_path: Path, monkeypa
         captured["base_lrs"] = list(captured["scheduler"].base_lrs)
         return captured["scheduler"]
 
-    monkeypatch.setattr(trainer_parts, "build_loss", nan_once_loss)
-    monkeypatch.setattr(trainer_parts, "build_scheduler", keep_scheduler)
+    monkeypatch.setattr(surge_setup, "build_loss", nan_once_loss)
+    monkeypatch.setattr(optimization, "build_scheduler", keep_scheduler)
     cfg = write_config(tmp_path / "cfg.toml", tiny_kit, tmp_path / "out", steps=3, surge=False)
     final = train(parse_train_args(["--config_file", str(cfg), "--surge", "false"]))
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sd_scripts_surge import trainer_parts
 from sd_scripts_surge.config import parse_train_args
-from sd_scripts_surge.train import train
+from sd_scripts_surge.training import trainables
+from sd_scripts_surge.training.train import train
 from tests.tiny_fixtures import tiny_kit  # noqa: F401
 from tests.train_helpers import write_config
 
@@ -18,14 +18,14 @@ from tests.train_helpers import write_config
 @pytest.mark.slow
 def test_lora_training_saves_kohya_lora_that_diffusers_loads(tiny_kit, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
     captured: dict = {}
-    real_param_groups = trainer_parts.param_groups
+    real_param_groups = trainables.param_groups
 
     def keep_groups(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         captured["groups"] = real_param_groups(*args, **kwargs)
         captured["trainable"] = args[1]
         return captured["groups"]
 
-    monkeypatch.setattr(trainer_parts, "param_groups", keep_groups)
+    monkeypatch.setattr(trainables, "param_groups", keep_groups)
     cfg = write_config(tmp_path / "cfg.toml", tiny_kit, tmp_path / "out", steps=2)
     final = train(parse_train_args(["--config_file", str(cfg), "--network_module", "networks.lora",
                                     "--network_dim", "4", "--network_alpha", "2"]))

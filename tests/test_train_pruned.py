@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_scripts_surge import trainer_parts
 from sd_scripts_surge.config import parse_train_args
 from sd_scripts_surge.models.io import load_model
-from sd_scripts_surge.prune import prune_pipeline_folder
-from sd_scripts_surge.train import train
+from sd_scripts_surge.models.prune import prune_pipeline_folder
+from sd_scripts_surge.training import optimization
+from sd_scripts_surge.training.train import train
 from tests.tiny_fixtures import tiny_kit  # noqa: F401
 from tests.train_helpers import write_config
 
@@ -36,13 +36,13 @@ def test_pruned_student_trains_against_deeper_teacher(tiny_kit, tmp_path: Path, 
 @pytest.mark.slow
 def test_block_lr_sets_group_lrs_and_freezes(tiny_kit, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
     seen: dict = {}
-    real = trainer_parts.build_optimizer
+    real = optimization.build_optimizer
 
     def spy(cfg, groups):  # noqa: ANN001, ANN202
         seen["groups"] = groups
         return real(cfg, groups)
 
-    monkeypatch.setattr(trainer_parts, "build_optimizer", spy)
+    monkeypatch.setattr(optimization, "build_optimizer", spy)
     lrs = [2e-4] * 23
     lrs[22] = 0.0  # freeze "out"
     lrs[10] = 5e-4

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from sd_scripts_surge.config import parse_train_args
-from sd_scripts_surge.train import train
-from sd_scripts_surge.train_state import PROGRESS_MARKER, find_resume_dir
+from sd_scripts_surge.training.state import PROGRESS_MARKER, find_resume_dir
+from sd_scripts_surge.training.train import train
 from tests.tiny_fixtures import tiny_kit  # noqa: F401
 from tests.train_helpers import max_abs_difference, unet_tensors, write_config
 

@@ -10,9 +10,9 @@ import toml
 
 from sd_scripts_surge.config import parse_train_args
 from sd_scripts_surge.data import build_dataset
-from sd_scripts_surge.dataset_config import load_dataset_config
-from sd_scripts_surge.train import train
-from sd_scripts_surge.train_state import PROGRESS_MARKER
+from sd_scripts_surge.data.dataset_config import load_dataset_config
+from sd_scripts_surge.training.state import PROGRESS_MARKER
+from sd_scripts_surge.training.train import train
 from tests.tiny_fixtures import tiny_kit  # noqa: F401
 from tests.train_helpers import max_abs_difference, unet_tensors, write_config
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from sd_scripts_surge.surge.units import build_unit_map, fine_unit_map, hop_distances, mbw_unit_map, unit_of_module_path
 from sd_scripts_surge.tiny.architecture import build_tiny_unet
-from sd_scripts_surge.units import build_unit_map, fine_unit_map, hop_distances, mbw_unit_map, unit_of_module_path
 
 DATA = Path(__file__).parent / "data"
 

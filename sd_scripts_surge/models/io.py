@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sd_scripts_surge.fileio import CheckpointError, check_finite, read_safetensors_header, save_safetensors_atomic
 from sd_scripts_surge.models import configs as cfg
 from sd_scripts_surge.models.bundle import ModelBundle
 from sd_scripts_surge.models.convert import (
@@ -36,6 +35,12 @@ from sd_scripts_surge.models.convert import (
     clip_module_state_dict,
     components_to_ldm,
     ldm_to_components,
+)
+from sd_scripts_surge.models.fileio import (
+    CheckpointError,
+    check_finite,
+    read_safetensors_header,
+    save_safetensors_atomic,
 )
 from sd_scripts_surge.models.metadata import build_modelspec, header_metadata
 

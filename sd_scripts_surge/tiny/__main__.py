@@ -7,7 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from .kit import FULL_RECIPE, QUICK_RECIPE, default_cache_dir, ensure_tiny_kit, kit_is_valid, read_stamp
+from sd_scripts_surge.tiny.kit import (
+    FULL_RECIPE,
+    QUICK_RECIPE,
+    default_cache_dir,
+    ensure_tiny_kit,
+    kit_is_valid,
+    read_stamp,
+)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from ..data import encode_prompts_sdxl
-from .architecture import (
+from sd_scripts_surge.models.text import encode_prompts_sdxl
+from sd_scripts_surge.tiny.architecture import (
     build_tiny_text_encoders,
     build_tiny_unet,
     build_tiny_vae,
@@ -49,8 +49,8 @@ from .architecture import (
     tiny_unet_config,
     tiny_vae_config,
 )
-from .dataset import caption_vocabulary, load_manifest, make_dataset
-from .tokenizer import EOS_TOKEN, TE2_PAD_TOKEN, build_tokenizer
+from sd_scripts_surge.tiny.dataset import caption_vocabulary, load_manifest, make_dataset
+from sd_scripts_surge.tiny.tokenizer import EOS_TOKEN, TE2_PAD_TOKEN, build_tokenizer
 
 KIT_VERSION = "tiny-v1"
 STAMP_NAME = "tiny_kit.json"

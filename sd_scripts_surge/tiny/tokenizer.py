@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
-from .architecture import TINY_MAX_LENGTH, TINY_VOCAB_SIZE
+from sd_scripts_surge.tiny.architecture import TINY_MAX_LENGTH, TINY_VOCAB_SIZE
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"

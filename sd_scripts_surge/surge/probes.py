@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .losses import add_noise
+from sd_scripts_surge.surge.losses import add_noise
 
 
 @dataclass

@@ -26,10 +26,15 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from .capture import CaptureOptions, Flavor, UnitCapture, UnitFlavor
-from .fileio import CheckpointError, atomic_output, read_safetensors_header, save_safetensors_atomic
-from .probes import ProbeSet
-from .units import UnitMap
+from sd_scripts_surge.models.fileio import (
+    CheckpointError,
+    atomic_output,
+    read_safetensors_header,
+    save_safetensors_atomic,
+)
+from sd_scripts_surge.surge.capture import CaptureOptions, Flavor, UnitCapture, UnitFlavor
+from sd_scripts_surge.surge.probes import ProbeSet
+from sd_scripts_surge.surge.units import UnitMap
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

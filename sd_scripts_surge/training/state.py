@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .report import TrainingHistory
+from sd_scripts_surge.training.report import TrainingHistory
 
 
 @dataclass

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .capture import Flavor
+from sd_scripts_surge.surge.capture import Flavor
 
 EPS = 1e-12
 STATISTICS = ("d", "d_in", "cos", "jaccard", "count", "time_t", "time_s")

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .anchors import UnitStatsAccumulator, ZoneRules, Zones, find_zones
-from .capture import CaptureOptions, Flavor, UnitCapture, capture_flavor
-from .controller import UnitLRController
-from .flavors import FlavorStore
-from .losses import (
+from sd_scripts_surge.surge.anchors import UnitStatsAccumulator, ZoneRules, Zones, find_zones
+from sd_scripts_surge.surge.capture import CaptureOptions, Flavor, UnitCapture, capture_flavor
+from sd_scripts_surge.surge.controller import UnitLRController
+from sd_scripts_surge.surge.flavors import FlavorStore
+from sd_scripts_surge.surge.losses import (
     add_noise,
     alpha_sigma,
     apply_noise_offset,
@@ -30,9 +30,9 @@ from .losses import (
     teacher_scales,
     trajectory_loss,
 )
-from .probes import ProbeSet
-from .replay import ReplayResult, replay_unit
-from .units import UnitMap
+from sd_scripts_surge.surge.probes import ProbeSet
+from sd_scripts_surge.surge.replay import ReplayResult, replay_unit
+from sd_scripts_surge.surge.units import UnitMap
 
 # Teacher call: UNet keyword arguments -> noise prediction (no grad inside).
 TeacherForward = Callable[[dict], torch.Tensor]

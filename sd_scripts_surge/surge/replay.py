@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .anchors import relative_difference
-from .capture import Flavor
-from .units import UnitMap, UnitSpec
+from sd_scripts_surge.surge.anchors import relative_difference
+from sd_scripts_surge.surge.capture import Flavor
+from sd_scripts_surge.surge.units import UnitMap, UnitSpec
 
 
 @dataclass

@@ -7,7 +7,7 @@ take the teacher's weights as they are. Which teacher layer each student layer c
 layer j + (n_teacher − n_student) — the last layer of an up stage must be the teacher's last, because only it
 takes the stage-input skip connection with that channel count.
 
-    python -m sd_scripts_surge.prune TEACHER_DIR OUT_DIR --preset bk-small
+    python -m sd_scripts_surge.models.prune TEACHER_DIR OUT_DIR --preset bk-small
 """
 
 from __future__ import annotations

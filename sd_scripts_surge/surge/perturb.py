@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ..units import UnitMap
+from sd_scripts_surge.surge.units import UnitMap
 
 
 def perturbed_copy(unet: torch.nn.Module, unit_map: UnitMap, units: Iterable[str], scale: float = 0.5,

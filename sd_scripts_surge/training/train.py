@@ -7,7 +7,7 @@ Read top to bottom, this file is the algorithm (DESIGN §3):
   → batches: loss = task + output KD + trajectory, per-unit LRs, optimizer step
   → save checkpoints/state, samples, report.
 With `--surge false` the same loop is a plain kohya-style fine-tune (task loss, no teacher).
-The pieces live in their own modules; `trainer_parts.py` builds them from the config.
+The pieces live in their own modules of `sd_scripts_surge.training` and `sd_scripts_surge.surge`.
 """
 
 from __future__ import annotations
@@ -22,12 +22,20 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast, set_seed
 from tqdm import tqdm
 
-from . import trainer_parts as parts
-from .config import TrainConfig, parse_train_args
-from .distill import noise_batch, surge_epoch_update
-from .losses import prior_loss_weights
-from .report import EpochRecord, write_report
-from .train_state import PROGRESS_MARKER, TrainProgress, find_resume_dir
+from sd_scripts_surge.config import TrainConfig, parse_train_args
+from sd_scripts_surge.surge.distill import noise_batch, surge_epoch_update
+from sd_scripts_surge.surge.losses import prior_loss_weights
+from sd_scripts_surge.training import (
+    checkpoints,
+    evaluation,
+    inputs,
+    optimization,
+    samples,
+    surge_setup,
+    trainables,
+)
+from sd_scripts_surge.training.report import EpochRecord, write_report
+from sd_scripts_surge.training.state import PROGRESS_MARKER, TrainProgress, find_resume_dir
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,27 +58,27 @@ def train(cfg: TrainConfig) -> Path:
 
     # ----- set up
     with accelerator.main_process_first():  # the tiny kit and latent caches are built once
-        sources = parts.resolve_sources(cfg, log)
-        student = parts.load_student(cfg, sources)
-        data = parts.build_data(cfg, sources, student, accelerator, log)
-    trainable = parts.make_trainable(cfg, student, log)
-    unit_map = parts.unit_map_for(cfg, student.unet)
-    groups = parts.param_groups(cfg, trainable, unit_map)
+        sources = inputs.resolve_sources(cfg, log)
+        student = inputs.load_student(cfg, sources)
+        data = inputs.build_data(cfg, sources, student, accelerator, log)
+    trainable = trainables.make_trainable(cfg, student, log)
+    unit_map = trainables.unit_map_for(cfg, student.unet)
+    groups = trainables.param_groups(cfg, trainable, unit_map)
     steps_per_epoch = math.ceil(len(data.sampler.rank_batches()) / cfg.gradient_accumulation_steps)
-    total_steps = parts.total_steps(cfg, steps_per_epoch)
-    optimizer = parts.build_optimizer(cfg, groups)
-    scheduler = parts.build_scheduler(cfg, optimizer, total_steps, accelerator.num_processes)
-    controller = parts.build_controller(cfg, unit_map)
-    alphas_cumprod = parts.noise_schedule(student)
+    total_steps = trainables.total_steps(cfg, steps_per_epoch)
+    optimizer = optimization.build_optimizer(cfg, groups)
+    scheduler = optimization.build_scheduler(cfg, optimizer, total_steps, accelerator.num_processes)
+    controller = surge_setup.build_controller(cfg, unit_map)
+    alphas_cumprod = surge_setup.noise_schedule(student)
     log(f"training {trainable.description}: {sum(p.numel() for g in groups for p in g['params']):,} parameters "
         f"in {len(groups)} groups; {steps_per_epoch} steps/epoch, {total_steps} optimizer steps")
 
     surge = None
     if cfg.surge.enabled:
         with accelerator.main_process_first():
-            surge = parts.build_surge(cfg, sources, student, unit_map, data, alphas_cumprod, accelerator, log)
-    loss_fn = parts.build_loss(cfg, unit_map, alphas_cumprod, surge)
-    parts.apply_full_bf16(cfg, trainable, log)
+            surge = surge_setup.build_surge(cfg, sources, student, unit_map, data, alphas_cumprod, accelerator, log)
+    loss_fn = surge_setup.build_loss(cfg, unit_map, alphas_cumprod, surge)
+    trainables.apply_full_bf16(cfg, trainable, log)
 
     if trainable.network is None:
         unet, optimizer, scheduler = accelerator.prepare(student.unet, optimizer, scheduler)
@@ -86,7 +94,7 @@ def train(cfg: TrainConfig) -> Path:
         state_dir = find_resume_dir(cfg.resume)
         log(f"resuming from {state_dir}")
         accelerator.load_state(str(state_dir))
-    samples_before = parts.sample_images(cfg, sources, student, student_module, data, "student_before",
+    samples_before = samples.sample_images(cfg, sources, student, student_module, data, "student_before",
                                          accelerator) if progress.global_step == 0 else None
 
     clock = {"start": time.perf_counter(), "excluded": 0.0}  # wall time of training, evaluation excluded
@@ -122,8 +130,8 @@ def train(cfg: TrainConfig) -> Path:
                                           surge.teacher_module if surge else None, noised,
                                           controller.multipliers() if surge else None,
                                           prior_loss_weights(batch.is_reg, cfg.prior_loss_weight))
-                    if not parts.all_finite(loss, accelerator):
-                        parts.skip_nonfinite_step(optimizer, scheduler, progress, log)
+                    if not optimization.all_finite(loss, accelerator):
+                        optimization.skip_nonfinite_step(optimizer, scheduler, progress, log)
                         progress.step_in_epoch += 1
                         continue
                     accelerator.backward(loss)
@@ -139,7 +147,7 @@ def train(cfg: TrainConfig) -> Path:
                     progress.history.log_step(progress.global_step, terms)
                     bar.update(1)
                     bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
-                    accelerator.log({f"loss/{k}": v for k, v in terms.items()} | parts.lr_logs(optimizer),
+                    accelerator.log({f"loss/{k}": v for k, v in terms.items()} | optimization.lr_logs(optimizer),
                                     step=progress.global_step)
                     if surge is not None and cfg.surge.eval_every_n_steps \
                             and progress.global_step % cfg.surge.eval_every_n_steps == 0:
@@ -151,7 +159,7 @@ def train(cfg: TrainConfig) -> Path:
                     if cfg.save_every_n_steps and progress.global_step % cfg.save_every_n_steps == 0 \
                             and progress.global_step < total_steps:
                         name = f"{cfg.output_name}-step{progress.global_step:08d}"
-                        parts.save_model(cfg, trainable, student, name, accelerator, progress)
+                        checkpoints.save_model(cfg, trainable, student, name, accelerator, progress)
                         if cfg.save_state:  # like sd-scripts: every saved model gets its state
                             save_state(accelerator, progress, output_dir / f"{name}-state")
                 if progress.global_step >= total_steps or stop["requested"]:
@@ -172,12 +180,12 @@ def train(cfg: TrainConfig) -> Path:
         sys.exit(130)
 
     write_rank_record(output_dir, controller, trainable, progress, accelerator)
-    final = parts.save_model(cfg, trainable, student, cfg.output_name, accelerator, progress)
+    final = checkpoints.save_model(cfg, trainable, student, cfg.output_name, accelerator, progress)
     if cfg.save_state:
         save_state(accelerator, progress, output_dir / f"{cfg.output_name}-state")
     if accelerator.is_main_process:
-        samples_after = parts.sample_images(cfg, sources, student, student_module, data, "student_after", accelerator)
-        sheet = parts.final_samples(cfg, sources, surge, student, data, samples_before, samples_after, output_dir)
+        samples_after = samples.sample_images(cfg, sources, student, student_module, data, "student_after", accelerator)
+        sheet = samples.final_samples(cfg, sources, surge, student, data, samples_before, samples_after, output_dir)
         page = write_report(progress.history, output_dir / "report", samples=sheet, title=f"{cfg.output_name}")
         log(f"model: {final}\nreport: {page}")
     accelerator.wait_for_everyone()
@@ -194,7 +202,7 @@ def save_state(accelerator: Accelerator, progress: TrainProgress, directory: Pat
     accelerator.wait_for_everyone()
 
 
-def surge_update(cfg: TrainConfig, surge: parts.SurgeSetup, student_module, unit_map, controller, trainable,  # noqa: ANN001
+def surge_update(cfg: TrainConfig, surge: surge_setup.SurgeSetup, student_module, unit_map, controller, trainable,  # noqa: ANN001
                  progress: TrainProgress, accelerator: Accelerator, log) -> None:  # noqa: ANN001
     """DESIGN §3 B–E at the start of an epoch: student capture, anchors and zones, controller, replay."""
     epoch = progress.epoch
@@ -233,18 +241,18 @@ def end_of_epoch(cfg: TrainConfig, surge, student, student_module, trainable, da
     last = progress.global_step >= total_steps
     if cfg.save_every_n_epochs and progress.epoch % cfg.save_every_n_epochs == 0 and not last:
         name = f"{cfg.output_name}-{progress.epoch:06d}"
-        parts.save_model(cfg, trainable, student, name, accelerator, progress)
+        checkpoints.save_model(cfg, trainable, student, name, accelerator, progress)
         if cfg.save_state:
             save_state(accelerator, progress, output_dir / f"{name}-state")
     if cfg.sample_every_n_epochs and progress.epoch % cfg.sample_every_n_epochs == 0 and not last:
-        parts.sample_images(cfg, sources, student, student_module, data, f"e{progress.epoch:06d}", accelerator)
+        samples.sample_images(cfg, sources, student, student_module, data, f"e{progress.epoch:06d}", accelerator)
 
 
-def evaluate(surge: parts.SurgeSetup, student_module, progress: TrainProgress, accelerator: Accelerator,  # noqa: ANN001
+def evaluate(surge: surge_setup.SurgeSetup, student_module, progress: TrainProgress, accelerator: Accelerator,  # noqa: ANN001
              clock: dict) -> float:
     """Held-out teacher-matching MSE now; logged with the training wall time so far (evaluation excluded)."""
     started = time.perf_counter()
-    error = parts.teacher_matching_error(student_module, surge, accelerator)
+    error = evaluation.teacher_matching_error(student_module, surge, accelerator)
     seconds = started - clock["start"] - clock["excluded"]
     progress.history.eval.append({"step": progress.global_step, "teacher_mse": error, "seconds": round(seconds, 3)})
     accelerator.log({"eval/teacher_mse": error}, step=progress.global_step)

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .units import UnitMap, unit_of_module_path
+from sd_scripts_surge.surge.units import UnitMap, unit_of_module_path
 
 OTHER_GROUP = "other"
 

@@ -27,8 +27,7 @@ import torch
 from torch import nn
 
 from networks.lora import LoRANetwork, create_network_from_weights, read_lora_file
-
-from .models.bundle import ModelBundle
+from sd_scripts_surge.models.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 
@@ -454,7 +453,7 @@ def build_teacher(
             model = base
         else:
             if spec.path not in models:
-                from .models.io import load_model
+                from sd_scripts_surge.models.io import load_model
 
                 logger.info("loading teacher checkpoint %s", spec.path)
                 models[spec.path] = load_model(spec.path, dtype=dtype or torch.float32, **load_kwargs)
@@ -479,7 +478,7 @@ def teacher_fingerprint(teacher: Teacher) -> str:
 
     LoRAs are hashed by content (the hooked tensors), so a renamed copy of a file keys the same cache.
     """
-    from .flavors import hash_state_dict
+    from sd_scripts_surge.surge.flavors import hash_state_dict
 
     module_hashes: dict[int, str] = {}
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig, load_toml, parse_resolution
+from sd_scripts_surge.config import ConfigError, TrainConfig, load_toml, parse_resolution
 
 logger = logging.getLogger(__name__)
 

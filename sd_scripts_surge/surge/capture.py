@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .units import HookPoint, UnitMap
+from sd_scripts_surge.surge.units import HookPoint, UnitMap
 
 QUERY_CHUNK = 1024  # bounds the memory of recomputed attention probabilities
 

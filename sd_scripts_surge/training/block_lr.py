@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .units import mbw_unit_map, unit_of_module_path
+from sd_scripts_surge.surge.units import mbw_unit_map, unit_of_module_path
 
 SDXL_BLOCK_COUNT = 23
 _MID_PARTS = (("mid_block.resnets.0", 10), ("mid_block.attentions.0", 11), ("mid_block.resnets.1", 12))

@@ -1,0 +1,126 @@
+"""The surge pieces of a run: teacher, probes, flavor cache, controller, loss."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from sd_scripts_surge.config import TrainConfig
+from sd_scripts_surge.data import TrainData
+from sd_scripts_surge.models.bundle import ModelBundle
+from sd_scripts_surge.surge.anchors import ZoneRules
+from sd_scripts_surge.surge.capture import CaptureOptions
+from sd_scripts_surge.surge.controller import ControllerConfig, UnitLRController
+from sd_scripts_surge.surge.distill import DistillLoss, LossWeights, scales_from_flavors, trajectory_units
+from sd_scripts_surge.surge.flavors import FlavorStore, build_or_load_flavors, make_cache_key
+from sd_scripts_surge.surge.losses import scaled_linear_alphas_cumprod
+from sd_scripts_surge.surge.probes import ProbeSet, make_probes
+from sd_scripts_surge.surge.teachers import Teacher, build_teacher, teacher_fingerprint
+from sd_scripts_surge.surge.units import UnitMap, aligned_teacher_map, hop_distances
+from sd_scripts_surge.training.inputs import Sources
+
+PROBE_TIMESTEPS = (150, 450, 750, 950)
+
+
+def build_controller(cfg: TrainConfig, unit_map: UnitMap) -> UnitLRController:
+    config = ControllerConfig(shock_rate=cfg.surge.shock_rate, smooth_rate=cfg.surge.smooth_rate,
+                              max_hops=cfg.surge.max_hops, anchor_grasp=cfg.surge.anchor_grasp,
+                              keep_mean=cfg.surge.keep_mean_lr)
+    return UnitLRController(unit_map, hop_distances(unit_map), config)
+
+
+def noise_schedule(student: ModelBundle) -> torch.Tensor:
+    """ᾱ_t of the model's scheduler config when it has one, else SDXL's scaled_linear schedule."""
+    meta = student.metadata or {}
+    start = float(meta.get("beta_start", 0.00085))
+    end = float(meta.get("beta_end", 0.012))
+    return scaled_linear_alphas_cumprod(1000, start, end)
+
+
+# ------------------------------------------------------------------------------------------------ surge
+@dataclass
+class SurgeSetup:
+    teacher: Teacher
+    teacher_module: nn.Module | None  # the UNet the trajectory loss hooks (single teacher only)
+    probes: ProbeSet
+    eval_probes: ProbeSet
+    store: FlavorStore
+    capture_options: CaptureOptions
+    rules: ZoneRules
+    replay_units: int
+    replay_lr: float
+    scales: dict[str, float]
+    teacher_map: UnitMap  # the student's units located in the teacher (differs for a depth-pruned student)
+
+    def teacher_call(self, unet_kwargs: dict) -> torch.Tensor:
+        return self.teacher.unet_forward(unet_kwargs["sample"], unet_kwargs["timestep"],
+                                         unet_kwargs["encoder_hidden_states"], unet_kwargs.get("added_cond_kwargs"))
+
+
+def _probe_set(data: TrainData, captions: list[str], latents: torch.Tensor | None, seeds: list[int],
+               alphas_cumprod: torch.Tensor) -> ProbeSet:
+    context, pooled = data.encode_prompts(captions)
+    added = {"text_embeds": pooled, "time_ids": data.time_ids_for(len(captions))}
+    return make_probes(context, PROBE_TIMESTEPS, seeds, alphas_cumprod, data.latent_shape, latents=latents,
+                       added_cond=added)
+
+
+def build_surge(cfg: TrainConfig, sources: Sources, student: ModelBundle, unit_map: UnitMap, data: TrainData,
+                alphas_cumprod: torch.Tensor, accelerator: Accelerator, log: Callable[[str], None]) -> SurgeSetup:
+    if not sources.teachers:
+        raise ValueError("surge training needs a teacher: --teacher_model (and/or --teacher_lora), or "
+                         "[[surge.teachers]] in the config; use --surge false for a plain fine-tune")
+    # Specs without a path hook their LoRAs into a frozen copy of the student (never the student itself).
+    base = copy.deepcopy(student) if any(s.path is None for s in sources.teachers) else None
+    teacher = build_teacher(sources.teachers, base=base, device=accelerator.device,
+                            tokenizer_dir=sources.tokenizer_dir)
+    log(teacher.describe())
+    teacher_module = teacher.unet if teacher.mode == "single" else None
+    if teacher_module is None and cfg.surge.traj_weight:
+        log("trajectory loss needs one teacher network; with several experts it is off (output KD stays on)")
+
+    seeds = list(range(cfg.surge.num_seeds))
+    count = max(1, cfg.surge.probes)
+    captions, latents = data.probe_examples(count)
+    probes = _probe_set(data, captions, latents, seeds, alphas_cumprod)
+    eval_captions = (sources.prompts or captions)[:count]
+    eval_probes = _probe_set(data, eval_captions, None, [1000 + s for s in seeds[:1]], alphas_cumprod)
+
+    options = CaptureOptions(pool_to=cfg.surge.flavor_resolution or None)
+    capture_teacher = teacher_module if teacher_module is not None else teacher.unet
+    teacher_map = aligned_teacher_map(unit_map, student.unet, capture_teacher)
+    if teacher_map is not unit_map:
+        log("the student has fewer layers than the teacher (pruned): its units are aligned with the teacher's stage "
+            "by stage (units.aligned_teacher_map)")
+    key = make_cache_key(capture_teacher, probes, teacher_map, torch.float32, options, loras=teacher.lora_files())
+    key = type(key)(**{**key.__dict__, "teacher": teacher_fingerprint(teacher)})
+    cache_dir = Path(cfg.surge.flavor_cache_dir or Path(cfg.output_dir) / "flavor_cache")
+    store = build_or_load_flavors(cache_dir, capture_teacher, teacher_map, probes, key, batch_size=8, options=options,
+                                  device=accelerator.device, log=log)
+    replay_units = cfg.surge.replay_units
+    if options.pool_to and replay_units:
+        log("unit replay needs full-size flavors; it is off because surge flavor_resolution is set")
+        replay_units = 0
+    scales = scales_from_flavors(store, trajectory_units(unit_map))
+    rules = ZoneRules()
+    return SurgeSetup(teacher, teacher_module, probes, eval_probes, store, options, rules, replay_units,
+                      cfg.surge.replay_lr or (cfg.learning_rate * 0.1), scales, teacher_map)
+
+
+def build_loss(cfg: TrainConfig, unit_map: UnitMap, alphas_cumprod: torch.Tensor,
+               surge: SurgeSetup | None) -> DistillLoss:
+    if surge is None:
+        weights = LossWeights(task=1.0, out=0.0, traj=0.0)
+        scales = None
+    else:
+        weights = LossWeights(task=cfg.surge.w_task, out=cfg.surge.w_out, traj=cfg.surge.traj_weight,
+                              feature=cfg.surge.feature_weight)
+        scales = surge.scales
+    return DistillLoss(unit_map, alphas_cumprod, weights, scales=scales, v_prediction=cfg.v_parameterization,
+                       min_snr_gamma=cfg.min_snr_gamma, teacher_map=surge.teacher_map if surge else None)
