@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -63,7 +64,40 @@ METHODS: dict[str, list[str]] = {
               "--surge_controller", "false", "--surge_replay_units", "0", "--surge_traj_weight", "0",
               "--surge_feature_weight", "1.0"],
 }
+# The candidate recipe of issue 17: surge's parts on the optimizer and schedule that win the baseline sweep
+# (AdamW, constant LR after warmup), the controller acting from the first step (lr_rule measured), at mean LR 1
+# (keep_mean), re-measured every 10 steps from the probes, trajectory loss and replay as in surge.
+METHODS["surge_adamw"] = [
+    "--optimizer_type", "AdamW", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "5",
+    "--surge_lr_rule", "measured", "--surge_keep_mean_lr", "true", "--surge_update_every_n_steps", "10",
+    "--surge_traj_weight", "0.5", "--surge_replay_units", "2", "--surge_replay_steps", "20"]
+BASELINES = ("adamw_kd", "adafactor_kd", "bksdm")
+
+
+def _with(recipe: list[str], **flags: str) -> list[str]:
+    """`recipe` with each --flag set to the given value (replaced if present, appended if not)."""
+    out = list(recipe)
+    for name, value in flags.items():
+        flag = f"--{name}"
+        if flag in out:
+            out[out.index(flag) + 1] = value
+        else:
+            out += [flag, value]
+    return out
+
+
 ABLATIONS: dict[str, list[str]] = {
+    # each part of the candidate recipe switched off (or back to the earlier rule), everything else kept
+    "surge_adamw_no_controller": _with(METHODS["surge_adamw"], surge_controller="false"),
+    "surge_adamw_random_lr": _with(METHODS["surge_adamw"], surge_random_lr="true"),
+    "surge_adamw_anchored": _with(METHODS["surge_adamw"], surge_lr_rule="anchored"),
+    "surge_adamw_no_keep_mean": _with(METHODS["surge_adamw"], surge_keep_mean_lr="false"),
+    "surge_adamw_epoch_updates": _with(METHODS["surge_adamw"], surge_update_every_n_steps="0"),
+    "surge_adamw_no_traj": _with(METHODS["surge_adamw"], surge_traj_weight="0"),
+    "surge_adamw_no_replay": _with(METHODS["surge_adamw"], surge_replay_units="0"),
+    "surge_adamw_replay_all": _with(METHODS["surge_adamw"], surge_replay_mode="all"),
+    "surge_adamw_on_ada_surge": _with(METHODS["surge_adamw"], optimizer_type="ADA_SURGE") + [
+        "--optimizer_args", "relative_step=False", "scale_parameter=False", "warmup_init=False"],
     "surge_random_lr": METHODS["surge"] + ["--surge_random_lr", "true"],
     "surge_no_replay": METHODS["surge"] + ["--surge_replay_units", "0"],
     "surge_no_cascade": [a if a != "cascade" else "cosine_with_restarts" for a in METHODS["surge"]],
@@ -72,6 +106,13 @@ ABLATIONS: dict[str, list[str]] = {
     # a variant, not an ablation: targets rescaled to mean 1 (redistribute LR between units, do not lower it)
     "surge_keep_mean": METHODS["surge"] + ["--surge_keep_mean_lr", "true"],
 }
+
+
+def parent_method(name: str) -> str:
+    """The swept method whose best LR an ablation or variant reuses (ablations are not swept themselves)."""
+    if name in METHODS:
+        return name
+    return "surge_adamw" if name.startswith("surge_adamw") else "surge"
 
 
 def _quiet_accelerate() -> None:
@@ -149,12 +190,13 @@ def make_large_base(kit, work: Path, steps: int) -> Path:
     return done
 
 
-def run_one(task: dict, method: str, extra: list[str], seed: int, args, work: Path) -> dict:
-    out = work / "runs" / task["name"] / f"{method}-s{seed}"
+def run_one(task: dict, method: str, extra: list[str], seed: int, args, work: Path, lr: float,
+            folder: str = "runs") -> dict:
+    out = work / folder / task["name"] / (f"{method}-s{seed}" if folder == "runs" else f"{method}-lr{lr:g}")
     shutil.rmtree(out, ignore_errors=True)
     fill = {"seed": seed, "max_steps": args.max_steps, "eval_every": args.eval_every}
     argv = [a.format(**fill) for a in COMMON] + task["argv"] + extra + [
-        "--output_dir", str(out), "--output_name", method, "--learning_rate", str(args.lr),
+        "--output_dir", str(out), "--output_name", method, "--learning_rate", str(lr),
         "--surge_flavor_cache_dir", str(out / "flavors")]
     _quiet_accelerate()
     torch.manual_seed(seed)
@@ -164,7 +206,39 @@ def run_one(task: dict, method: str, extra: list[str], seed: int, args, work: Pa
     history = json.loads((out / "report" / "history.json").read_text())
     manifest = json.loads((out / "flavors" / "manifest.json").read_text())
     capture = float(manifest.get("capture_seconds", 0.0)) if uses_flavors(method) else 0.0
-    return {"method": method, "seed": seed, "eval": history["eval"], "capture_s": capture, "total_s": total}
+    shutil.rmtree(out / "flavors", ignore_errors=True)  # keep the disk small: only the records are needed
+    for big in out.glob("*.safetensors"):
+        big.unlink()
+    return {"method": method, "seed": seed, "lr": lr, "eval": history["eval"], "capture_s": capture,
+            "total_s": total}
+
+
+def sweep_score(run: dict) -> float:
+    """How a run did over its whole curve: the mean of log(held-out MSE) over its evaluations (lower is better;
+    rewards getting low early as well as ending low). A diverged run (NaN/Inf) scores +inf."""
+    values = [e["teacher_mse"] for e in run["eval"]]
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        return float("inf")
+    return sum(math.log(v) for v in values) / len(values)
+
+
+def sweep_lrs(task: dict, methods: dict[str, list[str]], grid: list[float], seed: int, args, work: Path
+              ) -> tuple[dict[str, float], list[str]]:
+    """Each method's best LR on the validation seed (not one of the reported seeds), and a table of the sweep."""
+    best: dict[str, float] = {}
+    lines = [f"\n### task {task['name']}: LR sweep on validation seed {seed} (score: mean log10 held-out MSE over "
+             "the run; lower is better)", "| method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen |",
+             "|---|" + "---|" * (len(grid) + 1)]
+    for method, extra in methods.items():
+        scores = {}
+        for lr in grid:
+            run = run_one(task, method, extra, seed, args, work, lr, folder="sweep")
+            scores[lr] = sweep_score(run)
+            print(f"[{task['name']}] sweep {method} lr {lr:g}: score {scores[lr]:.4f}", flush=True)
+        best[method] = min(grid, key=lambda lr: scores[lr])
+        cells = " | ".join("diverged" if s == float("inf") else f"{s / math.log(10):.3f}" for s in scores.values())
+        lines.append(f"| {method} | {cells} | {best[method]:g} |")
+    return best, lines
 
 
 def uses_flavors(method: str) -> bool:
@@ -201,21 +275,30 @@ def summarize(runs: list[dict], task: str, target: float, max_steps: int) -> lis
                          "secs": statistics.median(inf if h[1] is None else h[1] for h in hits),
                          "last_secs": statistics.median(r["eval"][-1]["seconds"] + r["capture_s"] for r in mine),
                          "final": statistics.median(r["eval"][-1]["teacher_mse"] for r in mine)}
-    base = table.get("adamw_kd")
+    baselines = [table[m] for m in BASELINES if m in table]
+    # the best-tuned baseline, per column: the fewest median steps, and (separately) the least median wall time
+    best = {key: min(baselines, key=lambda row: (row[key], row["last_secs"])) for key in ("steps", "secs")} \
+        if baselines else {}
 
     def ratio(key: str, row: dict, bound: float) -> str:
+        base = best.get(key)
         if base is None or row[key] == inf:
             return "-"
         if base[key] == inf:
             return f">{bound / row[key]:.2f}x"
         return f"{base[key] / row[key]:.2f}x"
 
+    names = {key: next((m for m in BASELINES if table.get(m) is best.get(key)), "-") for key in ("steps", "secs")}
+    lines[1] = (f"| method | lr | reached | median steps | median wall s | steps vs best baseline ({names['steps']}) | "
+                f"wall vs best baseline ({names['secs']}) | final MSE (median) |")
+    lines[2] = "|---|---|---|---|---|---|---|---|"
     for method, row in table.items():
         steps = f"{row['steps']:.0f}" if row["steps"] != inf else f">{max_steps}"
         secs = f"{row['secs']:.1f}" if row["secs"] != inf else "-"
-        lines.append(f"| {method} | {row['hit']}/{row['n']} | {steps} | {secs} | "
-                     f"{ratio('steps', row, max_steps)} | {ratio('secs', row, base['last_secs'] if base else 0)} | "
-                     f"{row['final']:.5f} |")
+        lr = statistics.median(r.get("lr", float("nan")) for r in runs if r["method"] == method)
+        lines.append(f"| {method} | {lr:g} | {row['hit']}/{row['n']} | {steps} | {secs} | "
+                     f"{ratio('steps', row, max_steps)} | "
+                     f"{ratio('secs', row, best['secs']['last_secs'] if best else 0)} | {row['final']:.5f} |")
     return lines
 
 
@@ -252,14 +335,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--max_steps", type=int, default=150)
     parser.add_argument("--eval_every", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=1e-4, help="one LR for every method (3e-4 and 1e-3 were noisy "
-                                                                 "or diverged in pilots)")
+    parser.add_argument("--lr_grid", default="3e-4,1e-3,3e-3",
+                        help="LRs swept for every method on the validation seed; each then runs at its own best")
+    parser.add_argument("--validation_seed", type=int, default=100, help="the seed the LR sweep is scored on")
+    parser.add_argument("--lr", type=float, default=0.0, help="skip the sweep: one LR for every method")
     parser.add_argument("--target", default="0.5,0.3,0.2",
                         help="thresholds as fractions of the start MSE, comma-separated (one table each)")
-    parser.add_argument("--tasks", default="a,b,a_large",
-                        help="a: LoRA teacher; b: BK-SDM-Small pruned student; a_large: task a on the larger config")
-    parser.add_argument("--methods", default="surge,adamw_kd,adafactor_kd,bksdm")
-    parser.add_argument("--ablations", default="surge_random_lr,surge_no_replay,surge_no_cascade,surge_no_controller")
+    parser.add_argument("--tasks", default="q,a,a_large,b",
+                        help="q: the README's quickstart (tiny base → tiny teacher); a: LoRA teacher; "
+                             "a_large: task a on the larger config; b: BK-SDM-Small pruned student")
+    parser.add_argument("--methods", default="surge,surge_adamw,adamw_kd,adafactor_kd,bksdm")
+    parser.add_argument("--ablations", default="", help=f"comma-separated, of: {', '.join(ABLATIONS)}")
     parser.add_argument("--work", default="bench/out/surge")
     parser.add_argument("--lora_steps", type=int, default=100)
     parser.add_argument("--large_base_steps", type=int, default=150, help="pre-training steps of the larger base")
@@ -284,6 +370,9 @@ def main() -> None:
     data = ["--dataset_config", str(dataset_with_repeats(kit.dataset_toml, work, args.repeats))]
     tasks = []
     wanted = args.tasks.split(",")
+    if "q" in wanted:
+        tasks.append({"name": "q_quickstart", "argv": ["--pretrained_model_name_or_path", str(kit.base_dir),
+                                                        "--teacher_model", str(kit.teacher_dir)] + data})
     if "a" in wanted:
         lora = train_lora_teacher(kit, work, args.lora_steps)
         tasks.append({"name": "a_lora_teacher", "argv": ["--pretrained_model_name_or_path", str(kit.base_dir),
@@ -299,14 +388,27 @@ def main() -> None:
                                                                 "--teacher_lora", f"{lora}:1.0"] + data})
     chosen = {m: METHODS[m] for m in args.methods.split(",") if m}
     chosen |= {m: ABLATIONS[m] for m in args.ablations.split(",") if m}
+    grid = [float(x) for x in args.lr_grid.split(",") if x]
     report = [f"# surge benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPU cores, "
-              f"torch {torch.__version__}, {args.seeds} seeds, ≤{args.max_steps} steps, lr {args.lr})"]
+              f"torch {torch.__version__}, {args.seeds} seeds, ≤{args.max_steps} steps, "
+              + (f"lr {args.lr:g} for all)" if args.lr
+                 else f"LR per method from {grid} on seed {args.validation_seed})")]
     all_runs = {}
     for task in tasks:
+        swept = {m: e for m, e in chosen.items() if m in METHODS}
+        missing = {parent_method(m) for m in chosen} - set(swept)
+        if missing and not args.lr:
+            raise SystemExit(f"ablations take the swept LR of {sorted(missing)}: add it to --methods, or give --lr")
+        if args.lr:
+            best = {parent_method(m): args.lr for m in chosen}
+        else:
+            best, sweep_lines = sweep_lrs(task, swept, grid, args.validation_seed, args, work)
+            report += sweep_lines
+            print("\n".join(sweep_lines), flush=True)
         runs = []
         for seed in range(args.seeds):
             for method, extra in chosen.items():
-                run = run_one(task, method, extra, seed, args, work)
+                run = run_one(task, method, extra, seed, args, work, best.get(parent_method(method), args.lr))
                 runs.append(run)
                 print(f"[{task['name']}] {method} seed {seed}: start {run['eval'][0]['teacher_mse']:.5f} "
                       f"end {run['eval'][-1]['teacher_mse']:.5f} in {run['total_s']:.1f} s", flush=True)

@@ -24,6 +24,8 @@ from typing import Any
 
 import toml
 
+from sd_scripts_surge.surge.controller import LR_RULES
+
 try:  # TOML 1.0 (mixed arrays such as loras = [["a.safetensors", 0.7]]); the `toml` package reads 0.5 only
     import tomllib as _toml_reader
 except ImportError:  # Python 3.10
@@ -79,8 +81,10 @@ IGNORED_PREFIXES = ("wandb_", "huggingface_", "metadata_", "dynamo_", "deepspeed
 
 SURGE_KEYS = ("shock_rate", "smooth_rate", "max_hops", "anchor_grasp", "pre_change_layers", "post_change_layers",
               "num_seeds", "probes", "flavor_resolution", "flavor_cache_dir", "replay_steps", "replay_units",
+              "replay_mode",
               "replay_lr", "traj_weight", "w_task", "w_out", "feature_weight", "unit_map", "teachers", "controller",
-              "random_lr", "keep_mean_lr", "eval_every_n_steps", "target_teacher_mse")
+              "random_lr", "keep_mean_lr", "lr_rule", "update_every_n_steps", "eval_every_n_steps",
+              "target_teacher_mse")
 UNIT_MAPS = ("mbw", "fine")
 SDXL_BLOCK_LR_COUNT = 23  # time/label emb, input_blocks 0-8, middle 0-2, output_blocks 0-8, out
 _warned_ignored: set[str] = set()
@@ -212,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--surge_flavor_resolution", type=int, default=0, help="pool flavors to this size (0: full size)")
     a("--surge_flavor_cache_dir", type=str)
     a("--surge_replay_steps", type=int, default=50)
-    a("--surge_replay_units", type=int, default=2)
+    a("--surge_replay_units", type=int, default=2, help="replay_mode single: how many of the worst units to replay")
+    a("--surge_replay_mode", type=str, default="single", choices=["single", "all"],
+      help="single: the worst replay_units units one at a time; all: every unit at once, teacher-forced")
     a("--surge_replay_lr", type=float)
     a("--surge_traj_weight", type=float, default=0.5)
     a("--surge_w_task", type=float, default=1.0)
@@ -223,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--surge_random_lr", type=_bool, default=False, help="ablation: random per-unit multipliers")
     a("--surge_keep_mean_lr", type=_bool, default=False,
       help="rescale the per-unit targets to mean 1: redistribute LR between units instead of lowering it")
+    a("--surge_lr_rule", type=str, default="anchored", choices=list(LR_RULES),
+      help="units with no anchor in reach: keep 1.0 (anchored, DESIGN) or their own measured ratio (measured)")
+    a("--surge_update_every_n_steps", type=int, default=0,
+      help="also re-measure the student on the probes and move the per-unit LRs every N steps (0: per epoch)")
     a("--surge_eval_every_n_steps", type=int, default=0, help="held-out teacher-matching MSE every N steps")
     a("--surge_target_teacher_mse", type=float, default=0.0, help="stop once the held-out MSE is at most this")
     # --- config files
@@ -257,6 +267,7 @@ class SurgeConfig:
     flavor_cache_dir: str | None = None
     replay_steps: int = 50
     replay_units: int = 2
+    replay_mode: str = "single"
     replay_lr: float | None = None
     traj_weight: float = 0.5
     w_task: float = 1.0
@@ -266,6 +277,8 @@ class SurgeConfig:
     controller: bool = True
     random_lr: bool = False
     keep_mean_lr: bool = False
+    lr_rule: str = "anchored"
+    update_every_n_steps: int = 0
     eval_every_n_steps: int = 0
     target_teacher_mse: float = 0.0
     teachers: list = field(default_factory=list)  # teachers.TeacherSpec, one per [[surge.teachers]] table
@@ -717,7 +730,10 @@ def validate(c: TrainConfig, where: str) -> None:
     need(s.flavor_resolution >= 0, "surge_flavor_resolution", "must be ≥ 0 (0: full size)")
     need(s.replay_steps >= 0, "surge_replay_steps", "must be ≥ 0")
     need(s.replay_units >= 0, "surge_replay_units", "must be ≥ 0")
+    need(s.replay_mode in ("single", "all"), "surge_replay_mode", f"must be single or all (got {s.replay_mode!r})")
     need(s.replay_lr is None or s.replay_lr > 0, "surge_replay_lr", "must be > 0")
+    need(s.lr_rule in LR_RULES, "surge_lr_rule", f"must be one of {list(LR_RULES)} (got {s.lr_rule!r})")
+    need(s.update_every_n_steps >= 0, "surge_update_every_n_steps", "must be ≥ 0 (0: once per epoch)")
     need(s.unit_map in UNIT_MAPS, "surge_unit_map", f"must be one of {list(UNIT_MAPS)} (got {s.unit_map!r})")
     for key in ("traj_weight", "w_task", "w_out"):
         value = getattr(s, key)

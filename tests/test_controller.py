@@ -48,6 +48,45 @@ def test_target_rule_by_hand():
     assert target_multipliers(d, [], [], hops, cfg) == {u: 1.0 for u in d}
 
 
+def test_measured_rule_gives_units_without_anchors_their_own_ratio():
+    unit_map = chain_map(5)
+    hops = hop_distances(unit_map)
+    d = {"u0": 0.0, "u1": 2.4, "u2": 3.0, "u3": 9.6, "u4": 0.0}  # mean 3
+    cfg = ControllerConfig(shock_rate=2.0, smooth_rate=0.5, max_hops=2, anchor_grasp=1, rule="measured")
+    raw = {"u0": 0.5, "u1": 0.8, "u2": 1.0, "u3": 2.0, "u4": 0.5}  # clamp(d/3, 1/2, 2)
+    # no anchors at all (the first update of a run): every unit follows its own measured ratio
+    assert target_multipliers(d, [], [], hops, cfg) == pytest.approx(raw)
+    targets = target_multipliers(d, ["u0"], ["u2"], hops, cfg)
+    assert targets["u3"] == pytest.approx(raw["u3"]) and targets["u4"] == pytest.approx(raw["u4"])  # out of reach
+    assert targets["u1"] == pytest.approx(0.5 * raw["u1"] + 0.5 * raw["u0"])  # within reach: the anchor rule
+    with pytest.raises(ValueError, match="lr_rule"):
+        ControllerConfig(rule="bogus")
+
+
+def test_one_smoothing_rule_with_ada_surge():
+    """The controller's ramp is the only smoothing: AdaSurge's effective scale is m(k) exactly, every step."""
+    from library.surge_optimizer import AdaSurge
+
+    unit_map = chain_map(3)
+    cfg = ControllerConfig(shock_rate=4.0, smooth_rate=0.5641895835, max_hops=5, anchor_grasp=1, rule="measured")
+    ctl = UnitLRController(unit_map, hop_distances(unit_map), cfg)
+    params = [torch.nn.Parameter(torch.randn(3, 2)) for _ in range(3)]
+    opt = AdaSurge([{"params": [p], "unit": f"u{i}"} for i, p in enumerate(params)], lr=1e-2,
+                   relative_step=False, scale_parameter=False, warmup_init=False)
+    targets = ctl.update({"u0": 0.5, "u1": 1.0, "u2": 6.0}, anchors=[])
+    assert len(set(targets.values())) == 3  # acts on the first update, before any anchor exists
+    for k in range(7):
+        ctl.apply(opt)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        for i, group in enumerate(opt.param_groups):
+            u = f"u{i}"
+            goal = 1.0 + cfg.smooth_rate * (targets[u] - 1.0)
+            assert group["surge_effective"] == 1.0 + (goal - 1.0) * min(1.0, k / cfg.shock_rate)
+        ctl.step()
+
+
 def test_keep_mean_rescales_targets_to_mean_one():
     unit_map = chain_map(5)
     hops = hop_distances(unit_map)

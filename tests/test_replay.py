@@ -7,7 +7,14 @@ import torch
 from surge_helpers import perturbed_copy, restore_threads, tiny_kwargs, tiny_teacher, use_one_thread
 
 from sd_scripts_surge.surge.capture import CaptureOptions, capture_flavor
-from sd_scripts_surge.surge.replay import lerp_unit, replay_unit, run_unit, unit_parameters, window_error
+from sd_scripts_surge.surge.replay import (
+    lerp_unit,
+    replay_all_units,
+    replay_unit,
+    run_unit,
+    unit_parameters,
+    window_error,
+)
 from sd_scripts_surge.surge.units import fine_unit_map, mbw_unit_map
 
 setup_module, teardown_module = use_one_thread, restore_threads
@@ -131,3 +138,28 @@ def test_errors(teacher, flavors):
         pooled = [capture_flavor(teacher, unit_map, tiny_kwargs(), CaptureOptions(pool_to=1))[1]]
     with pytest.raises(ValueError, match="full size"):
         window_error(teacher, unit_map, "IN01", pooled)
+
+
+def test_all_unit_replay_trains_every_unit_locally_and_keeps_only_what_passes(teacher, flavors):
+    """Teacher-forced local distillation of every unit at once: the perturbed units get closer to the teacher,
+    every kept unit's window error did not grow, and a rolled-back unit is bitwise as it was."""
+    unit_map = mbw_unit_map(teacher)
+    perturbed = ["IN02", "IN05", "M00", "OUT03"]
+    student = perturbed_copy(teacher, unit_map, perturbed, scale=0.3)
+    units = [u.name for u in unit_map.units if u.kind != "embed"]
+    before_weights = {u: weights(student, unit_map, u) for u in units}
+    before = {u: window_error(student, unit_map, u, flavors, 0, 2) for u in perturbed}
+    results = replay_all_units(student, unit_map, units, flavors, replay_steps=30, lr=1e-3, post_change_layers=2)
+    by_unit = {r.unit: r for r in results}
+    assert set(by_unit) == set(units) and all(r.mode == "train_all" and r.steps == 30 for r in results)
+    for r in results:
+        assert r.after == pytest.approx(window_error(student, unit_map, r.unit, flavors, 0, 2))
+        if r.accepted:
+            assert r.after <= r.before
+        else:
+            assert all(torch.equal(before_weights[r.unit][n], w) for n, w in weights(student, unit_map, r.unit).items())
+    improved = [u for u in perturbed if window_error(student, unit_map, u, flavors, 0, 2) < before[u]]
+    assert len(improved) >= 3, (before, {u: by_unit[u] for u in perturbed})
+    # an empty parameter list skips a unit; no steps change nothing
+    assert replay_all_units(student, unit_map, units, flavors, replay_steps=0) == []
+    assert replay_all_units(student, unit_map, units, flavors, params_of=lambda u: []) == []

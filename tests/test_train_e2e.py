@@ -117,3 +117,38 @@ def test_bf16_full_bf16_and_gradient_checkpointing_train_on_cpu(tiny_kit, tmp_pa
     assert any(not torch.equal(a, b.to(torch.bfloat16).float())
                for a, b in zip(trained.parameters(), base.parameters())), "bf16 training changed nothing"
     assert all(torch.isfinite(v.float()).all() for v in tensors.values())
+
+
+@pytest.mark.slow
+def test_effective_scale_follows_the_controller_ramp_from_the_first_step(tiny_kit, tmp_path: Path,  # noqa: F811
+                                                                         monkeypatch) -> None:
+    """Trainer level: with ADA_SURGE and lr_rule=measured, every unit group's effective scale after N steps is
+    the controller's documented ramp m = 1 + (goal − 1)·min(1, (N−1)/shock_rate), goal = 1 + smooth·(target − 1)
+    (the multiplier applied at the last step), and the controller moved the LRs in the first epoch already."""
+    captured: dict = {}
+    real_optimizer, real_controller = optimization.build_optimizer, surge_setup.build_controller
+
+    def keep_optimizer(*args, **kwargs):
+        captured["optimizer"] = real_optimizer(*args, **kwargs)
+        return captured["optimizer"]
+
+    def keep_controller(*args, **kwargs):
+        captured["controller"] = real_controller(*args, **kwargs)
+        return captured["controller"]
+
+    monkeypatch.setattr(optimization, "build_optimizer", keep_optimizer)
+    monkeypatch.setattr(surge_setup, "build_controller", keep_controller)
+    steps = 3
+    cfg = write_config(tmp_path / "cfg.toml", tiny_kit, tmp_path / "out", steps=steps)
+    train(parse_train_args(["--config_file", str(cfg), "--surge_lr_rule", "measured", "--surge_replay_units", "0"]))
+    controller, optimizer = captured["controller"], captured["optimizer"]
+    c = controller.config
+    frac = min(1.0, (steps - 1) / c.shock_rate)
+    moved = 0
+    for group in optimizer.param_groups:
+        if "unit" not in group or group["unit"] not in controller.targets:
+            continue
+        goal = 1.0 + c.smooth_rate * (controller.targets[group["unit"]] - 1.0)
+        assert group["surge_effective"] == pytest.approx(1.0 + (goal - 1.0) * frac, rel=0, abs=1e-15)
+        moved += group["surge_effective"] != 1.0
+    assert moved, "no unit's LR moved in the first epoch"

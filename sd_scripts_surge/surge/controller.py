@@ -11,15 +11,22 @@ Target rule (`target_multipliers`, a pure function), for each unit l with mean r
    units keep most of their own ratio. (Why: anchors already match the teacher; a unit that shares inputs or
    outputs with them must not be driven so hard that it disturbs them.)
 3. Slow ("knotted") zones: target_l × smooth_rate.
-4. Units with no anchor within `max_hops` (N_l empty) keep 1.0: there is no reliable reference near them.
-   With no anchors at all, every target is 1.0.
+4. Units with no anchor within `max_hops` (N_l empty), by `rule`:
+   - "anchored" (DESIGN §3 D): keep 1.0, there is no reliable reference near them. With no anchors at all,
+     every target is 1.0 — so the first update of a run (no anchors yet) changes nothing.
+   - "measured": keep their own raw_l. The first capture already measures every unit's difference; no
+     anchors is not "no information", so the controller acts from the first step.
 5. Optional (`keep_mean`, not in DESIGN): targets divided by their mean over units and clamped again to
    [1/shock_rate, shock_rate], so the controller moves LR between units instead of lowering the overall LR
    (on a depth-pruned student the plain rule gives most units < 1; see bench/README.md).
 
-Dynamics (`UnitLRController`): at each `update()` (once per epoch) the new goal of every unit is
+Dynamics (`UnitLRController`), the one smoothing rule of a surge run (DESIGN §3 I): at each `update()` (at the
+start of every epoch, and every `update_every_n_steps` steps when set) the new goal of every unit is
 goal = m + smooth_rate·(target − m), a lerp from the multiplier m in force; the applied multiplier then ramps
-linearly from m to goal over `shock_rate` optimizer steps (`step()` once per optimizer step).
+linearly from m to goal over `shock_rate` optimizer steps (`step()` once per optimizer step):
+m(k) = start + (goal − start)·min(1, k/shock_rate), k = optimizer steps since the update. `apply()` writes m(k)
+into the optimizer as it is: an AdaSurge group gets surge_scale = m(k) and smooth_rate = 1, so AdaSurge's own
+lerp (its standalone rule) jumps to the value and does not smooth a second time.
 
 Cascade offsets: φ_l = min(h_l, H)/(H + 1) with h_l the hops to the nearest anchor and H = max_hops + 1
 (units beyond reach get H/(H + 1)); all zero when there are no anchors. φ ∈ [0, 1).
@@ -40,6 +47,7 @@ from torch import nn
 from sd_scripts_surge.surge.units import UnitMap, unit_of_module_path
 
 OTHER_GROUP = "other"
+LR_RULES = ("anchored", "measured")
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,11 @@ class ControllerConfig:
     max_hops: int = 4
     anchor_grasp: int = 3
     keep_mean: bool = False
+    rule: str = "anchored"
 
     def __post_init__(self) -> None:
+        if self.rule not in LR_RULES:
+            raise ValueError(f"surge lr_rule must be one of {', '.join(LR_RULES)} (got {self.rule!r})")
         if self.shock_rate < 1:
             raise ValueError(f"surge shock_rate must be ≥ 1 (got {self.shock_rate})")
         if not 0 < self.smooth_rate <= 1:
@@ -82,11 +93,14 @@ def target_multipliers(d: Mapping[str, float], anchors: Sequence[str], slow: Seq
     for u in units:
         near = nearest_anchors(u, anchors, hops, units, config.anchor_grasp, config.max_hops)
         if not near:
-            targets[u] = 1.0
-            continue
-        pull = sum(1 / (1 + h) for _, h in near) / len(near)
-        anchor_level = sum(raw[a] for a, _ in near) / len(near)
-        t = (1 - pull) * raw[u] + pull * anchor_level
+            if config.rule == "anchored":
+                targets[u] = 1.0
+                continue
+            t = raw[u]
+        else:
+            pull = sum(1 / (1 + h) for _, h in near) / len(near)
+            anchor_level = sum(raw[a] for a, _ in near) / len(near)
+            t = (1 - pull) * raw[u] + pull * anchor_level
         targets[u] = t * config.smooth_rate if u in slow else t
     if config.keep_mean and targets:
         level = sum(targets.values()) / len(targets)
@@ -200,6 +214,7 @@ class UnitLRController:
             group["cascade_offset"] = self.offsets.get(unit, 0.0)
             if "surge_scale" in group:
                 group["surge_scale"] = m
+                group["smooth_rate"] = 1.0  # the ramp above is the one smoothing rule: AdaSurge takes m as it is
                 continue
             if group.get("surge_lr_applied") != group["lr"]:
                 group["surge_lr_base"] = group["lr"]

@@ -31,7 +31,7 @@ from sd_scripts_surge.surge.losses import (
     trajectory_loss,
 )
 from sd_scripts_surge.surge.probes import ProbeSet
-from sd_scripts_surge.surge.replay import ReplayResult, replay_unit
+from sd_scripts_surge.surge.replay import ReplayResult, replay_all_units, replay_unit
 from sd_scripts_surge.surge.units import UnitMap
 
 # Teacher call: UNet keyword arguments -> noise prediction (no grad inside).
@@ -217,11 +217,13 @@ def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, 
                        replay_units: int, replay_steps: int, replay_lr: float, pre_change_layers: int,
                        post_change_layers: int, rank: int = 0, world_size: int = 1,
                        replay_params: Callable[[str], list[tuple[str, nn.Parameter]] | None] | None = None,
-                       controller_mode: str = "surge", random_seed: int = 0,
+                       controller_mode: str = "surge", random_seed: int = 0, replay_mode: str = "single",
                        log: Callable[[str], None] = print) -> SurgeUpdate:
     """DESIGN §3 B–E for one epoch. Every rank calls it; statistics are all-reduced so all ranks agree.
 
-    controller_mode: "surge" (DESIGN §3 D), "random" (ablation: log-uniform multipliers in
+    replay_mode: "single" (DESIGN §3 E: the `replay_units` worst high-difference units, one at a time) or "all"
+    (DESIGN §3 H: every unit with a difference, teacher-forced, in one batched replay; `replay_units` > 0 turns
+    it on). controller_mode: "surge" (DESIGN §3 D), "random" (ablation: log-uniform multipliers in
     [1/shock_rate, shock_rate] drawn from `random_seed`) or "off" (every multiplier stays 1).
     Replay changes weights: every rank runs it on the same cached flavors, then the caller broadcasts the
     student's weights from rank 0 (see train.py) so tiny numerical differences cannot split the replicas.
@@ -242,7 +244,15 @@ def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, 
     else:
         raise ValueError(f"controller_mode must be surge, random or off (got {controller_mode!r})")
     update = SurgeUpdate(table, zones, targets)
-    if replay_units > 0 and replay_steps > 0:
+    if replay_mode == "all" and replay_units > 0 and replay_steps > 0:
+        units = [u for u in unit_map.names if unit_map[u].kind != "embed" and table[u]["d"] > 0]
+        update.replay = replay_all_units(student, unit_map, units, [store.load(i) for i in range(len(store))],
+                                         replay_steps=replay_steps, lr=replay_lr,
+                                         post_change_layers=post_change_layers, params_of=replay_params)
+        kept = [r.unit for r in update.replay if r.accepted]
+        log(f"replay (all units, {replay_steps} steps): kept {len(kept)}/{len(update.replay)}; window error "
+            f"{sum(r.before for r in update.replay):.4g} -> {sum(r.after for r in update.replay):.4g} (sum)")
+    elif replay_units > 0 and replay_steps > 0:
         candidates = sorted(
             (u for u in zones.high_difference if unit_map[u].kind != "embed"),
             key=lambda u: -table[u]["d"],

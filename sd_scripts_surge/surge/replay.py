@@ -11,11 +11,19 @@ inputs. Shared side inputs (temb, context, masks) come from the teacher's flavor
 
 `lerp_unit` moves the unit's weights toward a same-architecture teacher, θ ← θ + α(θ_T − θ), under the same test.
 Rollback copies the snapshot back, so a rejected change leaves every weight bitwise as it was.
+
+`replay_all_units` (DESIGN §3 H, teacher-forced local distillation): every chosen unit gets the teacher's own
+cached input and learns the teacher's cached output, all at once. The inputs are cached tensors, so each unit's
+gradient is local to it and one optimizer step over the sum of the per-unit losses costs about one network
+forward + backward on the probe batch, however many units train. Each unit's loss is its MSE divided by the
+teacher output's mean square (the relative difference), so large and small units weigh alike. Then every unit's
+window error (the test above, with all changes in place) is compared with its error before: units whose window
+got worse are rolled back to their exact weights, the others kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -273,3 +281,72 @@ def lerp_unit(unet: nn.Module, teacher: nn.Module, unit_map: UnitMap, unit: str,
         p.lerp_(teacher_params[name].to(p), alpha)
     return _keep_if_better(unet, unit_map, unit, flavors, params, snapshot, before, pre_change_layers,
                            post_change_layers, "lerp", 0)
+
+
+def replay_all_units(unet: nn.Module, unit_map: UnitMap, units: Sequence[str], flavors: Sequence[Flavor], *,
+                     replay_steps: int = 20, lr: float = 1e-4, post_change_layers: int = 1,
+                     params_of: Callable[[str], Sequence[tuple[str, nn.Parameter]] | None] | None = None,
+                     ) -> list[ReplayResult]:
+    """Train `units` together on cached teacher inputs → outputs (see module docstring), then keep or roll back
+    each unit by its own downstream test. `params_of(unit)` gives what to train for a unit (default: its own
+    weights; a LoRA network's parameters of the unit when training a LoRA; an empty list skips the unit)."""
+    if not flavors:
+        raise ValueError("replay needs at least one cached flavor batch")
+    _check_full_size(flavors)
+    specs = [unit_map[u] for u in units if unit_map[u].kind != "embed"]
+    device, dtype = _device_dtype(unet)
+    owned: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    seen: set[int] = set()
+    for spec in specs:
+        params = params_of(spec.name) if params_of is not None else None
+        params = list(params) if params is not None else unit_parameters(unet, spec)
+        mine = [(n, q) for n, q in params if id(q) not in seen]  # a parameter belongs to its first unit
+        seen.update(id(q) for _, q in mine)
+        if mine:
+            owned[spec.name] = mine
+    specs = [s for s in specs if s.name in owned]
+    if not specs or replay_steps <= 0:
+        return []
+    before = {s.name: window_error(unet, unit_map, s.name, flavors, 0, post_change_layers) for s in specs}
+    snapshots = {s.name: _snapshot(owned[s.name]) for s in specs}
+    tensors = [q for s in specs for _, q in owned[s.name]]
+    saved = [(q.requires_grad, q.grad) for q in tensors]
+    targets = [{s.name: fl.units[s.name].output.to(device).float() for s in specs} for fl in flavors]
+    norms = [{u: float(y.pow(2).mean()) + 1e-12 for u, y in tgt.items()} for tgt in targets]
+    inputs = [{s.name: fl.units[s.name].input.to(device, dtype) for s in specs} for fl in flavors]
+    optimizer = torch.optim.AdamW(tensors, lr=lr, weight_decay=0.0)
+    try:
+        for q in tensors:
+            q.requires_grad_(True)
+        for step in range(replay_steps):
+            k = step % len(flavors)
+            fl, shared = flavors[k], _shared(flavors[k], device, dtype)
+            loss = torch.zeros((), device=device)
+            for spec in specs:
+                x = inputs[k][spec.name]
+                y = run_unit(unet, spec, x, shared, _side(spec, fl, {}, x))
+                _check_shapes(spec, y, fl)
+                loss = loss + F.mse_loss(y.float(), targets[k][spec.name]) / norms[k][spec.name]
+            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+            for q, g in zip(tensors, grads):
+                q.grad = g
+            optimizer.step()
+    finally:
+        for q, (requires_grad, grad) in zip(tensors, saved):
+            q.requires_grad_(requires_grad)
+            q.grad = grad
+    results = {s.name: ReplayResult(s.name, "train_all", True, before[s.name], before[s.name], replay_steps)
+               for s in specs}
+    # Test with every change in place; a rollback can make a neighbour's window worse, so test again until no
+    # kept unit's window is worse than before (at most one round per unit).
+    pending = list(results)
+    while pending:
+        rolled_back = False
+        for unit in pending:
+            result = results[unit]
+            result.after = window_error(unet, unit_map, unit, flavors, 0, post_change_layers)
+            if result.after > result.before:
+                _restore(owned[unit], snapshots[unit])
+                result.accepted, rolled_back = False, True
+        pending = [u for u, r in results.items() if r.accepted] if rolled_back else []
+    return list(results.values())

@@ -31,7 +31,7 @@ PROBE_TIMESTEPS = (150, 450, 750, 950)
 def build_controller(cfg: TrainConfig, unit_map: UnitMap) -> UnitLRController:
     config = ControllerConfig(shock_rate=cfg.surge.shock_rate, smooth_rate=cfg.surge.smooth_rate,
                               max_hops=cfg.surge.max_hops, anchor_grasp=cfg.surge.anchor_grasp,
-                              keep_mean=cfg.surge.keep_mean_lr)
+                              keep_mean=cfg.surge.keep_mean_lr, rule=cfg.surge.lr_rule)
     return UnitLRController(unit_map, hop_distances(unit_map), config)
 
 
@@ -55,6 +55,7 @@ class SurgeSetup:
     rules: ZoneRules
     replay_units: int
     replay_lr: float
+    replay_mode: str
     scales: dict[str, float]
     teacher_map: UnitMap  # the student's units located in the teacher (differs for a depth-pruned student)
 
@@ -110,7 +111,7 @@ def build_surge(cfg: TrainConfig, sources: Sources, student: ModelBundle, unit_m
     scales = scales_from_flavors(store, trajectory_units(unit_map))
     rules = ZoneRules()
     return SurgeSetup(teacher, teacher_module, probes, eval_probes, store, options, rules, replay_units,
-                      cfg.surge.replay_lr or (cfg.learning_rate * 0.1), scales, teacher_map)
+                      cfg.surge.replay_lr or (cfg.learning_rate * 0.1), cfg.surge.replay_mode, scales, teacher_map)
 
 
 def build_loss(cfg: TrainConfig, unit_map: UnitMap, alphas_cumprod: torch.Tensor,

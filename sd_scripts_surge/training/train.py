@@ -149,6 +149,12 @@ def train(cfg: TrainConfig) -> Path:
                     bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
                     accelerator.log({f"loss/{k}": v for k, v in terms.items()} | optimization.lr_logs(optimizer),
                                     step=progress.global_step)
+                    if surge is not None and cfg.surge.update_every_n_steps \
+                            and progress.global_step % cfg.surge.update_every_n_steps == 0 \
+                            and progress.step_in_epoch < len(data.sampler.rank_batches()):
+                        # between epoch starts: re-measure and move the LRs, no replay (cheap: probes only)
+                        surge_update(cfg, surge, student_module, unit_map, controller, trainable, progress,
+                                     accelerator, log, replay=False)
                     if surge is not None and cfg.surge.eval_every_n_steps \
                             and progress.global_step % cfg.surge.eval_every_n_steps == 0:
                         error = evaluate(surge, student_module, progress, accelerator, clock)
@@ -203,19 +209,25 @@ def save_state(accelerator: Accelerator, progress: TrainProgress, directory: Pat
 
 
 def surge_update(cfg: TrainConfig, surge: surge_setup.SurgeSetup, student_module, unit_map, controller, trainable,  # noqa: ANN001
-                 progress: TrainProgress, accelerator: Accelerator, log) -> None:  # noqa: ANN001
-    """DESIGN §3 B–E at the start of an epoch: student capture, anchors and zones, controller, replay."""
+                 progress: TrainProgress, accelerator: Accelerator, log, replay: bool = True) -> None:  # noqa: ANN001
+    """DESIGN §3 B–E: student capture, anchors and zones, controller, replay (at the start of an epoch; without
+    replay every `update_every_n_steps` steps)."""
     epoch = progress.epoch
     update = surge_epoch_update(
         student_module, unit_map, surge.probes, surge.store, controller,
-        options=surge.capture_options, rules=surge.rules, replay_units=surge.replay_units,
+        options=surge.capture_options, rules=surge.rules, replay_units=surge.replay_units if replay else 0,
+        replay_mode=surge.replay_mode,
         replay_steps=cfg.surge.replay_steps, replay_lr=surge.replay_lr,
         pre_change_layers=cfg.surge.pre_change_layers, post_change_layers=cfg.surge.post_change_layers,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
         replay_params=trainable.unit_params, log=log,
         controller_mode="random" if cfg.surge.random_lr else "surge" if cfg.surge.controller else "off",
-        random_seed=cfg.seed * 1009 + epoch,
+        random_seed=cfg.seed * 1009 + epoch * 100003 + progress.global_step,
     )
+    if not replay:
+        accelerator.log({f"surge_target/{u}": v for u, v in update.targets.items()}, step=progress.global_step)
+        log(f"step {progress.global_step}: per-unit LR targets updated; anchors {update.zones.anchors or '-'}")
+        return
     if update.replay and accelerator.num_processes > 1:
         for p in trainable.parameters():  # replicas must stay identical after replay
             p.data.copy_(broadcast(p.data, from_process=0))
