@@ -96,6 +96,10 @@ ABLATIONS: dict[str, list[str]] = {
     "surge_adamw_no_traj": _with(METHODS["surge_adamw"], surge_traj_weight="0"),
     "surge_adamw_no_replay": _with(METHODS["surge_adamw"], surge_replay_units="0"),
     "surge_adamw_replay_all": _with(METHODS["surge_adamw"], surge_replay_mode="all"),
+    # the teacher answered up front (one (t, ε) draw per image, reused every epoch) instead of every step
+    "surge_adamw_cached": _with(METHODS["surge_adamw"], surge_teacher="cached", surge_target_draws="1"),
+    # the same cache under the AdamW KD baseline: how much of a gain is the cache, not surge (takes adamw_kd's LR)
+    "adamw_kd_cached": _with(METHODS["adamw_kd"], surge_teacher="cached", surge_target_draws="1"),
     "surge_adamw_on_ada_surge": _with(METHODS["surge_adamw"], optimizer_type="ADA_SURGE") + [
         "--optimizer_args", "relative_step=False", "scale_parameter=False", "warmup_init=False"],
     "surge_random_lr": METHODS["surge"] + ["--surge_random_lr", "true"],
@@ -112,7 +116,10 @@ def parent_method(name: str) -> str:
     """The swept method whose best LR an ablation or variant reuses (ablations are not swept themselves)."""
     if name in METHODS:
         return name
-    return "surge_adamw" if name.startswith("surge_adamw") else "surge"
+    for parent in sorted(METHODS, key=len, reverse=True):
+        if name.startswith(parent + "_"):
+            return parent
+    return "surge"
 
 
 def _quiet_accelerate() -> None:
@@ -229,14 +236,35 @@ def sweep_lrs(task: dict, methods: dict[str, list[str]], grid: list[float], seed
     lines = [f"\n### task {task['name']}: LR sweep on validation seed {seed} (score: mean log10 held-out MSE over "
              "the run; lower is better)", "| method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen |",
              "|---|" + "---|" * (len(grid) + 1)]
+    tried: dict[str, dict[float, float]] = {}
     for method, extra in methods.items():
-        scores = {}
-        for lr in grid:
+        scores: dict[float, float] = {}
+
+        def score(lr: float, method: str = method, extra: list[str] = extra, scores: dict = scores) -> None:
             run = run_one(task, method, extra, seed, args, work, lr, folder="sweep")
             scores[lr] = sweep_score(run)
             print(f"[{task['name']}] sweep {method} lr {lr:g}: score {scores[lr]:.4f}", flush=True)
-        best[method] = min(grid, key=lambda lr: scores[lr])
-        cells = " | ".join("diverged" if s == float("inf") else f"{s / math.log(10):.3f}" for s in scores.values())
+
+        for lr in grid:
+            score(lr)
+        # A best LR at an edge of the grid is not a tuned LR: extend the grid on that side (×3 steps, twice at most).
+        for _ in range(2):
+            lrs = sorted(scores)
+            chosen = min(lrs, key=lambda lr: scores[lr])
+            if chosen == lrs[-1]:
+                score(float(f"{chosen * 3:.3g}"))
+            elif chosen == lrs[0]:
+                score(float(f"{chosen / 3:.3g}"))
+            else:
+                break
+        best[method] = min(scores, key=lambda lr: scores[lr])
+        tried[method] = scores
+    columns = sorted({lr for scores in tried.values() for lr in scores})
+    lines = [lines[0], "| method | " + " | ".join(f"lr {lr:g}" for lr in columns) + " | chosen |",
+             "|---|" + "---|" * (len(columns) + 1)]
+    for method, scores in tried.items():
+        cells = " | ".join("-" if lr not in scores else "diverged" if scores[lr] == float("inf")
+                           else f"{scores[lr] / math.log(10):.3f}" for lr in columns)
         lines.append(f"| {method} | {cells} | {best[method]:g} |")
     return best, lines
 

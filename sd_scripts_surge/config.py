@@ -81,7 +81,7 @@ IGNORED_PREFIXES = ("wandb_", "huggingface_", "metadata_", "dynamo_", "deepspeed
 
 SURGE_KEYS = ("shock_rate", "smooth_rate", "max_hops", "anchor_grasp", "pre_change_layers", "post_change_layers",
               "num_seeds", "probes", "flavor_resolution", "flavor_cache_dir", "replay_steps", "replay_units",
-              "replay_mode",
+              "replay_mode", "teacher", "target_draws", "cache_budget",
               "replay_lr", "traj_weight", "w_task", "w_out", "feature_weight", "unit_map", "teachers", "controller",
               "random_lr", "keep_mean_lr", "lr_rule", "update_every_n_steps", "eval_every_n_steps",
               "target_teacher_mse")
@@ -233,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="units with no anchor in reach: keep 1.0 (anchored, DESIGN) or their own measured ratio (measured)")
     a("--surge_update_every_n_steps", type=int, default=0,
       help="also re-measure the student on the probes and move the per-unit LRs every N steps (0: per epoch)")
+    a("--surge_teacher", type=str, default="live", choices=["live", "cached"],
+      help="live: run the teacher every step; cached: its answers for K draws per image computed once, up front")
+    a("--surge_target_draws", type=int, default=1,
+      help="cached teacher: (timestep, noise) draws per image; epoch e trains on draw e mod K")
+    a("--surge_cache_budget", type=str, default="0",
+      help="cached teacher: refuse a target cache larger than this (e.g. 8GB, 512MB; 0: no limit)")
     a("--surge_eval_every_n_steps", type=int, default=0, help="held-out teacher-matching MSE every N steps")
     a("--surge_target_teacher_mse", type=float, default=0.0, help="stop once the held-out MSE is at most this")
     # --- config files
@@ -268,6 +274,9 @@ class SurgeConfig:
     replay_steps: int = 50
     replay_units: int = 2
     replay_mode: str = "single"
+    teacher: str = "live"
+    target_draws: int = 1
+    cache_budget: str = "0"
     replay_lr: float | None = None
     traj_weight: float = 0.5
     w_task: float = 1.0
@@ -609,6 +618,22 @@ def parse_resolution(value: Any, where: str) -> tuple[int, int]:
     return numbers[0], numbers[1]
 
 
+def parse_size(value: str | int | float) -> int:
+    """Bytes from "8GB", "512MB", "1.5GiB", "2048" (bytes) or 0; decimal and binary units both mean powers of 1024,
+    as kohya users write them."""
+    text = str(value).strip().upper().replace("IB", "B")
+    units = {"TB": 2**40, "GB": 2**30, "MB": 2**20, "KB": 2**10, "B": 1}
+    suffix = next((s for s in units if text.endswith(s)), "")
+    number, factor = (text[: -len(suffix)].strip(), units[suffix]) if suffix else (text, 1)
+    try:
+        size = float(number) * factor
+    except ValueError:
+        raise ValueError(f"must be a size like 8GB or 512MB (got {value!r})") from None
+    if size < 0 or size != size:
+        raise ValueError(f"must be ≥ 0 (got {value!r})")
+    return int(size)
+
+
 def parse_lora_arg(item: str) -> tuple[str, float]:
     """`path[:multiplier]` → (path, multiplier); a Windows drive letter is not a multiplier."""
     head, sep, tail = item.rpartition(":")
@@ -730,6 +755,12 @@ def validate(c: TrainConfig, where: str) -> None:
     need(s.flavor_resolution >= 0, "surge_flavor_resolution", "must be ≥ 0 (0: full size)")
     need(s.replay_steps >= 0, "surge_replay_steps", "must be ≥ 0")
     need(s.replay_units >= 0, "surge_replay_units", "must be ≥ 0")
+    need(s.teacher in ("live", "cached"), "surge_teacher", f"must be live or cached (got {s.teacher!r})")
+    need(s.target_draws >= 1, "surge_target_draws", "must be ≥ 1")
+    try:
+        parse_size(s.cache_budget)
+    except ValueError as e:
+        need(False, "surge_cache_budget", str(e))
     need(s.replay_mode in ("single", "all"), "surge_replay_mode", f"must be single or all (got {s.replay_mode!r})")
     need(s.replay_lr is None or s.replay_lr > 0, "surge_replay_lr", "must be > 0")
     need(s.lr_rule in LR_RULES, "surge_lr_rule", f"must be one of {list(LR_RULES)} (got {s.lr_rule!r})")

@@ -152,3 +152,60 @@ def test_effective_scale_follows_the_controller_ramp_from_the_first_step(tiny_ki
         assert group["surge_effective"] == pytest.approx(1.0 + (goal - 1.0) * frac, rel=0, abs=1e-15)
         moved += group["surge_effective"] != 1.0
     assert moved, "no unit's LR moved in the first epoch"
+
+
+@pytest.mark.slow
+def test_cached_teacher_trains_from_targets_and_refuses_varying_inputs(tiny_kit, tmp_path: Path, monkeypatch,  # noqa: F811
+                                                                      capsys) -> None:
+    """--surge_teacher cached: the teacher is answered up front (size/time printed), training never calls it, the
+    run still distils; a dataset whose inputs change per epoch (flip_aug) is refused with the subset named."""
+    cfg = write_config(tmp_path / "cfg.toml", tiny_kit, tmp_path / "out", steps=3)
+    real_build = surge_setup.build_surge
+    calls = {"during_training": 0, "training": False}
+
+    def counting_build(*args, **kwargs):
+        setup = real_build(*args, **kwargs)
+        real_call = setup.teacher.unet_forward
+
+        def counted(*a, **k):
+            calls["during_training"] += calls["training"]
+            return real_call(*a, **k)
+
+        setup.teacher.unet_forward = counted
+        return setup
+
+    real_loss = surge_setup.build_loss
+
+    def marking_loss(*args, **kwargs):
+        loss = real_loss(*args, **kwargs)
+        real_call = loss.__call__
+
+        class Marked:
+            def __getattr__(self, name):
+                return getattr(loss, name)
+
+            def __call__(self, *a, **k):
+                calls["training"] = True
+                try:
+                    return real_call(*a, **k)
+                finally:
+                    calls["training"] = False
+
+        return Marked()
+
+    monkeypatch.setattr(surge_setup, "build_surge", counting_build)
+    monkeypatch.setattr(surge_setup, "build_loss", marking_loss)
+    train(parse_train_args(["--config_file", str(cfg), "--surge_teacher", "cached", "--surge_target_draws", "2",
+                            "--surge_replay_units", "0"]))
+    out = capsys.readouterr()
+    assert "teacher targets:" in out.out and "MiB" in out.out
+    assert calls["during_training"] == 0, "the teacher ran inside the training loop"
+    history = json.loads((tmp_path / "out" / "report" / "history.json").read_text())
+    assert {"kd", "traj"} <= set(history["losses"]) and len(history["steps"]) == 3
+
+    flip = tmp_path / "flip.toml"
+    flip.write_text(Path(tiny_kit.dataset_toml).read_text().replace("[[datasets.subsets]]",
+                                                                  "[[datasets.subsets]]\nflip_aug = true"))
+    with pytest.raises(Exception, match="flip_aug"):
+        train(parse_train_args(["--config_file", str(cfg), "--dataset_config", str(flip), "--surge_teacher", "cached",
+                                "--output_dir", str(tmp_path / "out2")]))

@@ -32,6 +32,7 @@ from sd_scripts_surge.surge.losses import (
 )
 from sd_scripts_surge.surge.probes import ProbeSet
 from sd_scripts_surge.surge.replay import ReplayResult, replay_all_units, replay_unit
+from sd_scripts_surge.surge.targets import Pairs, TeacherTargets
 from sd_scripts_surge.surge.units import UnitMap
 
 # Teacher call: UNet keyword arguments -> noise prediction (no grad inside).
@@ -92,6 +93,13 @@ def noise_batch(latents: torch.Tensor, context: torch.Tensor, added_cond: dict |
     if noise_offset:
         noise = apply_noise_offset(noise, noise_offset, generator)
     timesteps = torch.randint(timestep_range[0], timestep_range[1], (b,), generator=generator).to(latents.device)
+    return noised_batch(latents, context, added_cond, noise, timesteps, alphas_cumprod)
+
+
+def noised_batch(latents: torch.Tensor, context: torch.Tensor, added_cond: dict | None, noise: torch.Tensor,
+                 timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> NoisedBatch:
+    """x_t and the UNet's keyword arguments for given ε and t (drawn by `noise_batch` or the target cache)."""
+    noise, timesteps = noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
     sample = add_noise(latents, noise, timesteps, alphas_cumprod)
     kwargs = {"sample": sample, "timestep": timesteps, "encoder_hidden_states": context}
     if added_cond:
@@ -119,17 +127,35 @@ class DistillLoss:
         self.scales = scales or {}
         self._options = CaptureOptions(keep_graph=True, topk=1, head_stats=False, time_units=False)
 
+    def teacher_targets(self, teacher: TeacherForward, teacher_module: nn.Module | None,
+                        unet_kwargs: dict) -> TeacherTargets:
+        """The teacher's answer for one noised batch: its prediction, and the trajectory units' (h_in, h_out)
+        when a hidden-unit loss needs them and the teacher can be hooked (live, or for the target cache)."""
+        with torch.no_grad():
+            if self.traj_map is None or teacher_module is None:
+                return TeacherTargets(teacher(unet_kwargs))
+            options = CaptureOptions(topk=1, head_stats=False, time_units=False)
+            with UnitCapture(teacher_module, self.teacher_traj_map, options) as cap:
+                prediction = teacher(unet_kwargs)
+                flavor = cap.take()
+        return TeacherTargets(prediction, _pairs(flavor))
+
     def __call__(self, student: nn.Module, student_module: nn.Module, teacher: TeacherForward | None,
                  teacher_module: nn.Module | None, batch: NoisedBatch,
                  multipliers: dict[str, float] | None = None,
-                 sample_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                 sample_weights: torch.Tensor | None = None,
+                 cached: TeacherTargets | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """`student` is what to call (maybe a DDP wrapper); `student_module` the unwrapped UNet for hooks.
 
         `teacher_module` is the teacher UNet to hook for the trajectory loss (None: no trajectory term).
+        `cached`: the teacher's answer for this batch from the target cache (then `teacher` is not called).
         `sample_weights` (B,) weight each sample's task loss (prior_loss_weight on regularisation images); the
         teacher-matching terms are not weighted: matching the teacher on a regularisation image is not a prior."""
         w = self.weights
-        traj = self.traj_map is not None and teacher_module is not None and teacher is not None
+        if cached is not None:
+            traj = self.traj_map is not None and cached.pairs is not None
+        else:
+            traj = self.traj_map is not None and teacher_module is not None and teacher is not None
         if traj:
             with UnitCapture(student_module, self.traj_map, self._options) as cap:
                 prediction = student(**batch.unet_kwargs).sample
@@ -140,23 +166,17 @@ class DistillLoss:
         if w.task:
             terms["task"] = denoise_loss(prediction, batch.x0, batch.noise, batch.timesteps, self.alphas_cumprod,
                                          self.v_prediction, self.min_snr_gamma, sample_weights)
-        if teacher is not None and (w.out or traj):
-            with torch.no_grad():
-                if traj:
-                    options = CaptureOptions(topk=1, head_stats=False, time_units=False)
-                    with UnitCapture(teacher_module, self.teacher_traj_map, options) as cap:
-                        t_pred = teacher(batch.unet_kwargs)
-                        t_flavor = cap.take()
-                else:
-                    t_pred = teacher(batch.unet_kwargs)
+        if (teacher is not None or cached is not None) and (w.out or traj):
+            answer = cached if cached is not None else \
+                self.teacher_targets(teacher, teacher_module if traj else None, batch.unet_kwargs)
             if w.out:
-                terms["kd"] = output_kd_loss(prediction, t_pred)
+                terms["kd"] = output_kd_loss(prediction, answer.prediction)
             if traj and w.traj:
                 alpha, sigma = alpha_sigma(self.alphas_cumprod, batch.timesteps)
-                terms["traj"] = trajectory_loss(_pairs(s_flavor), _pairs(t_flavor), alpha, sigma, self.scales,
+                terms["traj"] = trajectory_loss(_pairs(s_flavor), answer.pairs, alpha, sigma, self.scales,
                                                 multipliers, traj_weight=1.0)
             if traj and w.feature:
-                terms["feature"] = feature_kd_loss(s_flavor, t_flavor)
+                terms["feature"] = feature_kd_loss(_pairs(s_flavor), answer.pairs)
         weight = {"task": w.task, "kd": w.out, "traj": w.traj, "feature": w.feature}
         total = sum(weight[name] * value for name, value in terms.items())
         if not terms:
@@ -164,14 +184,14 @@ class DistillLoss:
         return total, {name: float(value.detach()) for name, value in terms.items()}
 
 
-def feature_kd_loss(student: Flavor, teacher: Flavor) -> torch.Tensor:
-    """BK-SDM's feature distillation: Σ_l MSE(h_S,l, h_T,l) / K over the K captured units, equal weights."""
-    terms = [F.mse_loss(unit.output.float(), teacher.units[name].output.float().to(unit.output.device))
-             for name, unit in student.units.items()]
+def feature_kd_loss(student: Pairs, teacher: Pairs) -> torch.Tensor:
+    """BK-SDM's feature distillation: Σ_l MSE(h_S,l, h_T,l) / K over the K captured units, equal weights.
+    Both map unit → (h_in, h_out); only the outputs are compared."""
+    terms = [F.mse_loss(out.float(), teacher[name][1].float().to(out.device)) for name, (_, out) in student.items()]
     return torch.stack(terms).mean()
 
 
-def _pairs(flavor: Flavor) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+def _pairs(flavor: Flavor) -> Pairs:
     return {name: unit.trajectory_pair() for name, unit in flavor.units.items()}
 
 

@@ -11,8 +11,9 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from sd_scripts_surge.config import TrainConfig
+from sd_scripts_surge.config import ConfigError, TrainConfig, parse_size
 from sd_scripts_surge.data import TrainData
+from sd_scripts_surge.data.captions import caption_varies
 from sd_scripts_surge.models.bundle import ModelBundle
 from sd_scripts_surge.surge.anchors import ZoneRules
 from sd_scripts_surge.surge.capture import CaptureOptions
@@ -21,6 +22,7 @@ from sd_scripts_surge.surge.distill import DistillLoss, LossWeights, scales_from
 from sd_scripts_surge.surge.flavors import FlavorStore, build_or_load_flavors, make_cache_key
 from sd_scripts_surge.surge.losses import scaled_linear_alphas_cumprod
 from sd_scripts_surge.surge.probes import ProbeSet, make_probes
+from sd_scripts_surge.surge.targets import TargetCache
 from sd_scripts_surge.surge.teachers import Teacher, build_teacher, teacher_fingerprint
 from sd_scripts_surge.surge.units import UnitMap, aligned_teacher_map, hop_distances
 from sd_scripts_surge.training.inputs import Sources
@@ -58,6 +60,8 @@ class SurgeSetup:
     replay_mode: str
     scales: dict[str, float]
     teacher_map: UnitMap  # the student's units located in the teacher (differs for a depth-pruned student)
+
+    eval_teacher: list[torch.Tensor] | None = None  # the teacher on the eval probe batches (cached teacher)
 
     def teacher_call(self, unet_kwargs: dict) -> torch.Tensor:
         return self.teacher.unet_forward(unet_kwargs["sample"], unet_kwargs["timestep"],
@@ -125,3 +129,35 @@ def build_loss(cfg: TrainConfig, unit_map: UnitMap, alphas_cumprod: torch.Tensor
         scales = surge.scales
     return DistillLoss(unit_map, alphas_cumprod, weights, scales=scales, v_prediction=cfg.v_parameterization,
                        min_snr_gamma=cfg.min_snr_gamma, teacher_map=surge.teacher_map if surge else None)
+
+
+def check_cacheable(data: TrainData) -> None:
+    """Cached teacher targets need every image's inputs to be the same every epoch."""
+    for record in data.records:
+        subset = record.subset
+        if caption_varies(subset) or subset.flip_aug:
+            what = "flip_aug" if subset.flip_aug else "captions that change per epoch (shuffle or dropout)"
+            raise ConfigError(f"surge_teacher = \"cached\" needs the same inputs every epoch, but subset "
+                              f"{subset.image_dir} uses {what}; turn it off or use surge_teacher = \"live\"")
+
+
+def build_target_cache(cfg: TrainConfig, surge: SurgeSetup, loss_fn: DistillLoss, data: TrainData,
+                       alphas_cumprod: torch.Tensor, accelerator: Accelerator,
+                       log: Callable[[str], None]) -> TargetCache:
+    """DESIGN §3 G: the teacher's answers for every entry × draw (and the eval probes), computed once."""
+    check_cacheable(data)
+    cache = TargetCache(cfg.surge.target_draws, cfg.seed, cfg.noise_offset or 0.0)
+
+    def batches():
+        for entries in data.sampler.all_batches(0):  # every entry, whichever rank trains it in an epoch
+            batch = data.dataset.get_batch(entries, 0).to(accelerator.device)
+            yield batch.indices, batch.latents, {"encoder_hidden_states": batch.context,
+                                                 "added_cond_kwargs": batch.added_cond}
+
+    cache.build(batches, len(data.dataset.entries),
+                lambda kwargs: loss_fn.teacher_targets(surge.teacher_call, surge.teacher_module, kwargs),
+                alphas_cumprod, parse_size(cfg.surge.cache_budget), log)
+    with torch.no_grad():
+        surge.eval_teacher = [surge.teacher_call(surge.eval_probes.unet_kwargs(index, device=accelerator.device))
+                              .float() for index in surge.eval_probes.batches(8)]
+    return cache

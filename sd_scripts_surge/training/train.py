@@ -23,7 +23,7 @@ from accelerate.utils import ProjectConfiguration, broadcast, set_seed
 from tqdm import tqdm
 
 from sd_scripts_surge.config import TrainConfig, parse_train_args
-from sd_scripts_surge.surge.distill import noise_batch, surge_epoch_update
+from sd_scripts_surge.surge.distill import noise_batch, noised_batch, surge_epoch_update
 from sd_scripts_surge.surge.losses import prior_loss_weights
 from sd_scripts_surge.training import (
     checkpoints,
@@ -98,6 +98,9 @@ def train(cfg: TrainConfig) -> Path:
                                          accelerator) if progress.global_step == 0 else None
 
     clock = {"start": time.perf_counter(), "excluded": 0.0}  # wall time of training, evaluation excluded
+    targets = None  # DESIGN §3 G: the teacher answered ahead of time (built inside the clock: it is training time)
+    if surge is not None and cfg.surge.teacher == "cached":
+        targets = surge_setup.build_target_cache(cfg, surge, loss_fn, data, alphas_cumprod, accelerator, log)
     if surge is not None and cfg.surge.eval_every_n_steps and progress.global_step == 0:
         evaluate(surge, student_module, progress, accelerator, clock)
 
@@ -123,13 +126,21 @@ def train(cfg: TrainConfig) -> Path:
             data.sampler.set_epoch(epoch)
             for batch in data.batches(skip=progress.step_in_epoch):
                 with accelerator.accumulate(synced):
-                    noised = noise_batch(batch.latents, batch.context, batch.added_cond, alphas_cumprod,
-                                         progress.generator, cfg.noise_offset or 0.0)
+                    cached = None
+                    if targets is None:
+                        noised = noise_batch(batch.latents, batch.context, batch.added_cond, alphas_cumprod,
+                                             progress.generator, cfg.noise_offset or 0.0)
+                    else:  # the pre-drawn (t, ε) of these images in this epoch, and the teacher's answers
+                        draw = targets.draw_of(epoch)
+                        noise, timesteps = targets.noise(batch.indices, draw, batch.latents.shape[1:])
+                        noised = noised_batch(batch.latents, batch.context, batch.added_cond, noise, timesteps,
+                                              alphas_cumprod)
+                        cached = targets.targets(batch.indices, draw, accelerator.device)
                     controller.apply(optimizer)
                     loss, terms = loss_fn(unet, student_module, surge.teacher_call if surge else None,
                                           surge.teacher_module if surge else None, noised,
                                           controller.multipliers() if surge else None,
-                                          prior_loss_weights(batch.is_reg, cfg.prior_loss_weight))
+                                          prior_loss_weights(batch.is_reg, cfg.prior_loss_weight), cached=cached)
                     if not optimization.all_finite(loss, accelerator):
                         optimization.skip_nonfinite_step(optimizer, scheduler, progress, log)
                         progress.step_in_epoch += 1
