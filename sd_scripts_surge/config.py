@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import logging
 import math
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 import toml
 
 from sd_scripts_surge.surge.controller import LR_RULES
+from sd_scripts_surge.training.sampling import SAMPLERS
 
 try:  # TOML 1.0 (mixed arrays such as loras = [["a.safetensors", 0.7]]); the `toml` package reads 0.5 only
     import tomllib as _toml_reader
@@ -150,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     # --- output and saving
     a("--output_dir", type=str, default="output")
     a("--output_name", type=str, default="last")
-    a("--save_model_as", type=str, default="safetensors", choices=["safetensors", "diffusers", "ckpt"])
+    a("--save_model_as", type=str, default="safetensors", choices=["safetensors", "diffusers"],
+      help="safetensors (single file, SAI layout) or diffusers (folder); ckpt (pickle) is not written")
     a("--save_precision", type=str, default="float", choices=["float", "fp16", "bf16"])
     a("--save_every_n_epochs", type=int, default=0)
     a("--save_every_n_steps", type=int, default=0)
@@ -541,6 +544,14 @@ def parse_train_args(argv: Sequence[str] | None = None) -> TrainConfig:
         explicit = _explicit_flags(argv, parser)
         merged.update({k: v for k, v in file_values.items() if k not in explicit})
         source = str(args.config_file)
+        if "max_train_steps" in explicit and file_values.get("max_train_epochs") and "max_train_epochs" not in explicit:
+            # sd-scripts lets epochs override steps; a step count typed on the command line is the user's intent
+            logger.warning("--max_train_steps %s on the command line overrides max_train_epochs = %s in %s",
+                           merged["max_train_steps"], file_values["max_train_epochs"], source)
+            merged["max_train_epochs"] = None
+    if merged.get("max_train_epochs") and "max_train_steps" in _explicit_flags(argv, parser) \
+            and "max_train_epochs" in _explicit_flags(argv, parser):
+        raise ConfigError("--max_train_steps and --max_train_epochs both given on the command line: give one")
     if args.output_config:
         if not args.config_file:
             raise ConfigError("--output_config needs --config_file (the path to write)")
@@ -632,6 +643,29 @@ def parse_size(value: str | int | float) -> int:
     if size < 0 or size != size:
         raise ValueError(f"must be ≥ 0 (got {value!r})")
     return int(size)
+
+
+def xformers_available() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+def flag_notes(c: TrainConfig) -> list[str]:
+    """One line for each kohya flag whose effect here differs in form from sd-scripts (printed at the start)."""
+    notes = []
+    if c.max_data_loader_n_workers:
+        notes.append(f"max_data_loader_n_workers = {c.max_data_loader_n_workers}: no loader workers are started; "
+                     "latents and text embeddings are cached in memory and batches are assembled in the main process")
+    if not c.cache_latents:
+        notes.append("cache_latents is off in the config, but this trainer always caches latents (color_aug, the "
+                     "one augmentation that needs fresh encodes, is refused)")
+    if c.xformers and not xformers_available():
+        notes.append("xformers: the xformers package is not installed, so attention runs on PyTorch SDPA (the "
+                     "default backend; same results, install xformers to use it)")
+    if c.no_half_vae:
+        notes.append("no_half_vae: the VAE runs in fp32 (this trainer always encodes latents in fp32)")
+    if c.network_train_unet_only and c.network_module:
+        notes.append("network_train_unet_only: the LoRA is on the UNet only (text encoders frozen)")
+    return notes
 
 
 def parse_lora_arg(item: str) -> tuple[str, float]:
@@ -738,9 +772,22 @@ def validate(c: TrainConfig, where: str) -> None:
     need(not c.full_fp16 or c.mixed_precision == "fp16", "full_fp16", "needs mixed_precision = \"fp16\"")
     need(not c.full_bf16 or c.mixed_precision == "bf16", "full_bf16", "needs mixed_precision = \"bf16\"")
     need(c.save_precision in ("float", "fp16", "bf16"), "save_precision", "must be float, fp16 or bf16")
-    need(c.save_model_as in ("safetensors", "diffusers", "ckpt"), "save_model_as",
-         "must be safetensors, diffusers or ckpt")
     need(c.save_model_as != "ckpt", "save_model_as", "ckpt (pickle) is not written by this trainer; use safetensors")
+    need(c.save_model_as in ("safetensors", "diffusers"), "save_model_as", "must be safetensors or diffusers")
+    # kohya flags this trainer does not implement: refused with the reason, never accepted and ignored
+    need(not c.train_text_encoder, "train_text_encoder",
+         "is not supported: the text encoders stay frozen (as in the surge seed); their embeddings are cached")
+    need(not c.text_encoder_lr or c.network_train_unet_only, "text_encoder_lr",
+         "is not supported: the text encoders stay frozen (no text-encoder training or TE LoRA yet); drop it or "
+         "set network_train_unet_only (then it is unused, as in sd-scripts)")
+    need(c.tokenizer_cache_dir is None, "tokenizer_cache_dir",
+         "is sd-scripts' download cache and this trainer never downloads: give --tokenizer_dir, a folder with "
+         "tokenizer/ and tokenizer_2/ (a diffusers model folder carries them)")
+    need(not (c.xformers and c.sdpa), "xformers", "and sdpa pick different attention backends: give one")
+    need(c.sample_sampler in SAMPLERS, "sample_sampler",
+         f"must be one of {', '.join(SAMPLERS)} (got {c.sample_sampler!r})")
+    need(c.log_with != "wandb" and c.log_with != "all" or importlib.util.find_spec("wandb") is not None,
+         "log_with", "wandb needs the wandb package (pip install wandb); or use tensorboard")
     need(c.block_lr is None or not c.network_module, "block_lr",
          "applies to a full fine-tune (as in sdxl_train.py), not to LoRA training; drop it or network_module")
     s = c.surge

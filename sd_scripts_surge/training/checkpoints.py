@@ -16,12 +16,13 @@ from sd_scripts_surge.training.trainables import Trainable
 
 # ---------------------------------------------------------------------------------------------- saving
 def save_model(cfg: TrainConfig, trainable: Trainable, student: ModelBundle, name: str, accelerator: Accelerator,
-               progress: TrainProgress) -> Path:
-    """Write `name` (+ extension) into output_dir on the main process; returns the path."""
+               progress: TrainProgress, resolution: tuple[int, int] | None = None) -> Path:
+    """Write `name` (+ extension) into output_dir on the main process; returns the path.
+    `resolution` (height, width) is the training resolution recorded in the metadata."""
     out_dir = Path(cfg.output_dir)
     accelerator.wait_for_everyone()
     dtype = precision_dtype(cfg.save_precision or "float")
-    metadata = training_metadata(cfg, progress)
+    metadata = training_metadata(cfg, progress, resolution)
     if trainable.network is not None:
         path = out_dir / f"{name}.safetensors"
         if accelerator.is_main_process:
@@ -38,9 +39,12 @@ def save_model(cfg: TrainConfig, trainable: Trainable, student: ModelBundle, nam
     return path
 
 
-def training_metadata(cfg: TrainConfig, progress: TrainProgress) -> dict[str, str]:
-    """kohya-style `ss_*` training metadata."""
-    return {
+def training_metadata(cfg: TrainConfig, progress: TrainProgress,
+                      resolution: tuple[int, int] | None = None) -> dict[str, str]:
+    """kohya-style `ss_*` training metadata (+ `modelspec.resolution`, width x height, when known)."""
+    extra = {} if resolution is None else {"ss_resolution": f"({resolution[1]}, {resolution[0]})",
+                                           "modelspec.resolution": f"{resolution[1]}x{resolution[0]}"}
+    return extra | {
         "ss_output_name": cfg.output_name,
         "ss_training_comment": "sd-scripts-surge",
         "ss_learning_rate": str(cfg.learning_rate),

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from sd_scripts_surge.config import TrainConfig, parse_lora_arg
+from sd_scripts_surge.config import TrainConfig, parse_lora_arg, xformers_available
 from sd_scripts_surge.data import TrainData, build_train_data
 from sd_scripts_surge.models.bundle import ModelBundle
 from sd_scripts_surge.models.io import load_model
@@ -87,7 +87,18 @@ def load_student(cfg: TrainConfig, sources: Sources) -> ModelBundle:
             module.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
         bundle.unet.enable_gradient_checkpointing()
+    set_attention_backend(bundle.unet, "xformers" if cfg.xformers and xformers_available() else "sdpa")
     return bundle
+
+
+def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:
+    """`--sdpa` (the default: PyTorch scaled_dot_product_attention) or `--xformers` on every attention layer."""
+    if backend == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+        return
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
 
 
 def build_data(cfg: TrainConfig, sources: Sources, student: ModelBundle, accelerator: Accelerator,

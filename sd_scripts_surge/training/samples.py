@@ -20,7 +20,8 @@ def _sample(cfg: TrainConfig, unet: nn.Module, data: TrainData, vae: nn.Module, 
     resolution = data.resolution
     latents = generate_latents(unet, data.encode_prompts, prompts, height=resolution[0], width=resolution[1],
                                steps=cfg.sample_steps, seed=cfg.seed,
-                               prediction_type="v_prediction" if cfg.v_parameterization else "epsilon")
+                               prediction_type="v_prediction" if cfg.v_parameterization else "epsilon",
+                               sampler=cfg.sample_sampler)
     return decode_to_images(vae, latents)
 
 

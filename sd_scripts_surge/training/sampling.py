@@ -1,4 +1,4 @@
-"""Sample images during and after training: a plain Euler loop over a diffusers scheduler.
+"""Sample images during and after training: a sampling loop over the diffusers scheduler `--sample_sampler` names.
 
 The UNet is called exactly as in training (SDXL: context + `text_embeds`/`time_ids`), so what the sample
 shows is what the trained weights do. Classifier-free guidance uses the empty prompt as the negative.
@@ -24,17 +24,45 @@ def sdxl_time_ids(height: int, width: int, batch: int, device: torch.device, dty
     return ids.expand(batch, 6)
 
 
+# sd-scripts' --sample_sampler names → (diffusers scheduler class name, extra config). The k_ names are the same
+# samplers under k-diffusion's spelling, as sd-scripts maps them.
+SAMPLERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "k_lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "k_euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+}
+
+
+def make_scheduler(sampler: str = "euler", num_train_timesteps: int = 1000, prediction_type: str = "epsilon"):
+    """SDXL's noise schedule (scaled_linear 0.00085..0.012) under the diffusers scheduler `sampler` names."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sample_sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    import diffusers
+
+    name, extra = SAMPLERS[sampler]
+    config = {"num_train_timesteps": num_train_timesteps, "beta_start": 0.00085, "beta_end": 0.012,
+              "beta_schedule": "scaled_linear", "prediction_type": prediction_type, "steps_offset": 1, **extra}
+    if name != "PNDMScheduler":
+        config["timestep_spacing"] = "leading"
+    return getattr(diffusers, name).from_config(config)
+
+
 def make_euler_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon") -> EulerDiscreteScheduler:
-    """SDXL's noise schedule (scaled_linear 0.00085..0.012) with an Euler sampler."""
-    return EulerDiscreteScheduler(
-        num_train_timesteps=num_train_timesteps,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type=prediction_type,
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
+    """SDXL's noise schedule with an Euler sampler (the default of these samples)."""
+    return make_scheduler("euler", num_train_timesteps, prediction_type)
 
 
 @torch.no_grad()
@@ -50,10 +78,11 @@ def generate_latents(
     seed: int = 0,
     vae_scale_factor: int = 8,
     prediction_type: str = "epsilon",
+    sampler: str = "euler",
 ) -> torch.Tensor:
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
-    scheduler = make_euler_scheduler(prediction_type=prediction_type)
+    scheduler = make_scheduler(sampler, prediction_type=prediction_type)
     scheduler.set_timesteps(steps, device=device)
     batch = len(prompts)
     context, pooled = encode(prompts)
@@ -76,8 +105,15 @@ def generate_latents(
         if use_cfg:
             uncond, cond = pred.chunk(2)
             pred = uncond + guidance_scale * (cond - uncond)
-        latents = scheduler.step(pred, t, latents).prev_sample
+        latents = scheduler.step(pred, t, latents, generator=generator).prev_sample \
+            if _takes_generator(scheduler) else scheduler.step(pred, t, latents).prev_sample
     return latents
+
+
+def _takes_generator(scheduler) -> bool:  # noqa: ANN001 - any diffusers scheduler
+    import inspect
+
+    return "generator" in inspect.signature(scheduler.step).parameters
 
 
 @torch.no_grad()

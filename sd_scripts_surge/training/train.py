@@ -22,7 +22,8 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast, set_seed
 from tqdm import tqdm
 
-from sd_scripts_surge.config import TrainConfig, parse_train_args
+from sd_scripts_surge.config import ConfigError, TrainConfig, flag_notes, parse_train_args
+from sd_scripts_surge.data import DataError
 from sd_scripts_surge.surge.distill import noise_batch, noised_batch, surge_epoch_update
 from sd_scripts_surge.surge.losses import prior_loss_weights
 from sd_scripts_surge.training import (
@@ -39,7 +40,17 @@ from sd_scripts_surge.training.state import PROGRESS_MARKER, TrainProgress, find
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_train_args(argv))
+    """The console entry: a configuration error is one line on stderr and exit status 2, not a traceback."""
+    try:
+        cfg = parse_train_args(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        train(cfg)
+    except (ConfigError, DataError) as e:  # raised while setting up (dataset TOML, cached-teacher rules, …)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -48,9 +59,13 @@ def train(cfg: TrainConfig) -> Path:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=cfg.log_with,
-        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.logging_dir),
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=tracker_logging_dir(cfg)),
     )
     log = accelerator.print
+    if cfg.log_with:  # tensorboard event files / a wandb run, as sd-scripts' --log_with gives
+        accelerator.init_trackers("surge_train", config=tracker_config(cfg))
+    for note in flag_notes(cfg):
+        log(note)
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -176,7 +191,7 @@ def train(cfg: TrainConfig) -> Path:
                     if cfg.save_every_n_steps and progress.global_step % cfg.save_every_n_steps == 0 \
                             and progress.global_step < total_steps:
                         name = f"{cfg.output_name}-step{progress.global_step:08d}"
-                        checkpoints.save_model(cfg, trainable, student, name, accelerator, progress)
+                        checkpoints.save_model(cfg, trainable, student, name, accelerator, progress, data.resolution)
                         if cfg.save_state:  # like sd-scripts: every saved model gets its state
                             save_state(accelerator, progress, output_dir / f"{name}-state")
                 if progress.global_step >= total_steps or stop["requested"]:
@@ -197,7 +212,8 @@ def train(cfg: TrainConfig) -> Path:
         sys.exit(130)
 
     write_rank_record(output_dir, controller, trainable, progress, accelerator)
-    final = checkpoints.save_model(cfg, trainable, student, cfg.output_name, accelerator, progress)
+    final = checkpoints.save_model(cfg, trainable, student, cfg.output_name, accelerator, progress,
+                                   data.resolution)
     if cfg.save_state:
         save_state(accelerator, progress, output_dir / f"{cfg.output_name}-state")
     if accelerator.is_main_process:
@@ -208,6 +224,27 @@ def train(cfg: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def tracker_logging_dir(cfg: TrainConfig) -> str | None:
+    """sd-scripts' layout: <logging_dir>/<log_prefix><YYYYmmddHHMMSS>; logging_dir defaults to <output_dir>/logs."""
+    if not cfg.log_with:
+        return cfg.logging_dir
+    root = Path(cfg.logging_dir) if cfg.logging_dir else Path(cfg.output_dir) / "logs"
+    return str(root / f"{cfg.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
+
+
+def tracker_config(cfg: TrainConfig) -> dict:
+    """The run's settings as flat scalars (what tensorboard's hparams and wandb's config accept)."""
+    import dataclasses
+
+    flat = {}
+    for prefix, source in (("", cfg), ("surge_", cfg.surge)):
+        for f in dataclasses.fields(source):
+            value = getattr(source, f.name)
+            if isinstance(value, bool | int | float | str):
+                flat[prefix + f.name] = value
+    return flat
 
 
 def save_state(accelerator: Accelerator, progress: TrainProgress, directory: Path) -> None:
@@ -264,7 +301,7 @@ def end_of_epoch(cfg: TrainConfig, surge, student, student_module, trainable, da
     last = progress.global_step >= total_steps
     if cfg.save_every_n_epochs and progress.epoch % cfg.save_every_n_epochs == 0 and not last:
         name = f"{cfg.output_name}-{progress.epoch:06d}"
-        checkpoints.save_model(cfg, trainable, student, name, accelerator, progress)
+        checkpoints.save_model(cfg, trainable, student, name, accelerator, progress, data.resolution)
         if cfg.save_state:
             save_state(accelerator, progress, output_dir / f"{name}-state")
     if cfg.sample_every_n_epochs and progress.epoch % cfg.sample_every_n_epochs == 0 and not last:
