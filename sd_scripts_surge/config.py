@@ -97,15 +97,90 @@ def is_ignored_key(key: str) -> bool:
     return key in IGNORED_SD_SCRIPTS_KEYS or key.startswith(IGNORED_PREFIXES)
 
 
+# Help text of the flags whose declaration does not carry its own (shown with the default by --help).
+HELP = {
+    "enable_bucket": "aspect-ratio buckets (a subset default; the dataset TOML's enable_bucket wins)",
+    "min_bucket_reso": "smallest bucket side in pixels",
+    "max_bucket_reso": "largest bucket side in pixels",
+    "bucket_reso_steps": "bucket sides are multiples of this",
+    "caption_extension": "caption file beside each image",
+    "max_data_loader_n_workers": "accepted for kohya TOMLs; no workers are started (data is cached in memory)",
+    "cache_latents": "latents are always cached (in memory); the flag is accepted",
+    "cache_latents_to_disk": "also keep latents as .npz beside the images, reused while valid",
+    "cache_text_encoder_outputs": "keep text embeddings (refused with captions that change per epoch)",
+    "cache_text_encoder_outputs_to_disk": "also keep text embeddings on disk",
+    "output_dir": "folder for models, states, samples, report and flavor cache",
+    "output_name": "file name of the model ({output_name}.safetensors, {output_name}-{epoch:06d}.safetensors)",
+    "save_precision": "dtype of saved weights",
+    "save_every_n_epochs": "also save {output_name}-{epoch:06d} every N epochs (0: only the last)",
+    "save_every_n_steps": "also save {output_name}-step{N:08d} every N steps (0: never)",
+    "save_state": "save optimizer/scheduler/controller/RNG/data state beside every model, for --resume",
+    "learning_rate": "base LR of every param group (surge multiplies it per unit)",
+    "unet_lr": "LR of the UNet (default: --learning_rate)",
+    "text_encoder_lr": "refused: the text encoders stay frozen (allowed, unused, with --network_train_unet_only)",
+    "optimizer_type": "AdamW, AdamW8bit, Adafactor, ADA_SURGE, Lion, SGD… or a dotted path (case-insensitive)",
+    "optimizer_args": "key=value arguments of the optimizer",
+    "lr_scheduler": "constant, constant_with_warmup, cosine, cosine_with_restarts, linear, polynomial, cascade…",
+    "lr_warmup_steps": "linear warmup steps",
+    "lr_scheduler_num_cycles": "restarts of cosine_with_restarts / cascade",
+    "lr_scheduler_power": "power of the polynomial schedule",
+    "lr_scheduler_type": "a custom scheduler class by dotted path (gets --lr_scheduler_args)",
+    "lr_scheduler_args": "key=value arguments of --lr_scheduler_type",
+    "max_train_steps": "optimizer steps to train (a value typed here beats max_train_epochs from a TOML)",
+    "max_train_epochs": "epochs to train (overrides max_train_steps from the same source, as in sd-scripts)",
+    "train_batch_size": "images per batch (a dataset TOML's batch_size wins)",
+    "gradient_accumulation_steps": "batches per optimizer step",
+    "max_grad_norm": "clip the gradient norm to this (0: no clipping)",
+    "mixed_precision": "autocast precision of the forward/backward pass",
+    "full_fp16": "accepted and not applied: weights stay fp32 under fp16 autocast (a line says so)",
+    "full_bf16": "trained weights in bf16 (ADA_SURGE with stochastic rounding); needs mixed_precision bf16",
+    "gradient_checkpointing": "recompute activations in backward to save memory",
+    "xformers": "xformers attention when the package is installed (else SDPA, and a line says so)",
+    "sdpa": "PyTorch scaled_dot_product_attention (the default backend)",
+    "no_half_vae": "the VAE in fp32 (always so here; the flag is accepted)",
+    "seed": "seed of every random choice (noise, timesteps, captions, flips, probes)",
+    "v_parameterization": "the model predicts v instead of ε",
+    "min_snr_gamma": "Min-SNR weighting γ of the denoising loss (off when unset)",
+    "noise_offset": "sd-scripts' noise offset (off when unset)",
+    "logging_dir": "tracker logs go to <logging_dir>/<log_prefix><time> (default <output_dir>/logs)",
+    "log_with": "trackers through accelerate: tensorboard, wandb (if installed) or all",
+    "log_prefix": "prefix of the run's log folder name",
+    "sample_every_n_epochs": "sample images every N epochs (0: only teacher / before / after)",
+    "sample_sampler": "sampler of the sample images (sd-scripts names: ddim, euler, euler_a, dpmsolver++, k_*…)",
+    "sample_steps": "sampling steps of the sample images",
+    "network_module": "networks.lora to train a kohya LoRA (lora_unet_* keys) instead of the full UNet",
+    "network_dim": "LoRA rank",
+    "network_alpha": "LoRA alpha (scale alpha/dim)",
+    "network_weights": "start from this LoRA file",
+    "network_args": "key=value LoRA options: conv_dim, conv_alpha, dropout, rank_dropout, module_dropout",
+    "network_train_unet_only": "LoRA on the UNet only (what this trainer does; the flag is accepted)",
+    "train_text_encoder": "refused: the text encoders stay frozen",
+    "surge_shock_rate": "clamp of per-unit LR multipliers to [1/shock, shock]; ramp length in steps",
+    "surge_smooth_rate": "lerp rate of the multipliers toward their targets at each update (1/√π)",
+    "surge_max_hops": "reach of anchor units along the UNet graph",
+    "surge_anchor_grasp": "nearest anchors a unit follows",
+    "surge_pre_change_layers": "replay: upstream units re-run with the student before the replayed unit",
+    "surge_post_change_layers": "replay: downstream units whose error must not grow for a change to be kept",
+    "surge_num_seeds": "noise seeds per probe (K)",
+    "surge_flavor_cache_dir": "where the teacher's flavors are cached (default <output_dir>/flavor_cache)",
+    "surge_replay_steps": "optimizer steps of each replay",
+    "surge_replay_lr": "LR of replay (default learning_rate × 0.1)",
+    "surge_traj_weight": "weight of the v-style trajectory loss on hidden units",
+    "surge_w_task": "weight of the denoising (task) loss",
+    "surge_w_out": "weight of output KD: MSE(student prediction, teacher prediction)",
+    "surge_unit_map": "mbw (IN00…M00…OUT08) or fine (every ResBlock / transformer block)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_surge_sdxl.py",
         description="Surge training for SDXL (kohya sd-scripts flags; see README).",
         allow_abbrev=False,  # an abbreviation would not count as "given on the command line" for precedence
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    a = p.add_argument
-    flag = _store_true_adder(p)
     # --- model and data
+    a, flag = _adders(p.add_argument_group("model and dataset", "the student, tokenizers and the training images"))
     a("--pretrained_model_name_or_path", type=str, help="student: .safetensors (SAI layout), diffusers folder, "
       "or tiny:base")
     a("--tokenizer_dir", type=str, help="folder with tokenizer/ and tokenizer_2/ for single-file models")
@@ -150,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--cache_text_encoder_outputs")
     flag("--cache_text_encoder_outputs_to_disk")
     # --- output and saving
+    a, flag = _adders(p.add_argument_group("saving", "where and how models and states are written"))
     a("--output_dir", type=str, default="output")
     a("--output_name", type=str, default="last")
     a("--save_model_as", type=str, default="safetensors", choices=["safetensors", "diffusers"],
@@ -160,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--save_state")
     a("--resume", type=str, help="state folder (or output folder: its newest *-state) to resume from")
     # --- optimisation
+    a, flag = _adders(p.add_argument_group("training and optimizer",
+                                          "steps, batch, precision, optimizer and LR schedule"))
     a("--learning_rate", type=float, default=1e-6)
     a("--unet_lr", type=float)
     a("--text_encoder_lr", type=float)
@@ -189,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--noise_offset", type=float)
     a("--block_lr", type=str, help="23 comma-separated LRs: time/label emb, input 0-8, middle 0-2, output 0-8, out")
     # --- logging and samples
+    a, flag = _adders(p.add_argument_group("logging and samples", "trackers and sample images"))
     a("--logging_dir", type=str)
     a("--log_with", type=str, choices=["tensorboard", "wandb", "all"])
     a("--log_prefix", type=str)
@@ -197,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sample_sampler", type=str, default="euler_a")
     a("--sample_steps", type=int, default=20)
     # --- LoRA and what trains
+    a, flag = _adders(p.add_argument_group("network (LoRA)", "train a kohya LoRA instead of the full UNet"))
     a("--network_module", type=str)
     a("--network_dim", type=int)
     a("--network_alpha", type=float)
@@ -205,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--network_train_unet_only")
     flag("--train_text_encoder")
     # --- teachers and surge
+    a, flag = _adders(p.add_argument_group("surge", "teachers and the surge engine (DESIGN §3); TOML section [surge]"))
     a("--surge", type=_bool, default=True, help="false: plain kohya-style fine-tune (no teacher)")
     a("--teacher_model", type=str, help="teacher checkpoint (default: the student's base, for --teacher_lora)")
     a("--teacher_lora", type=str, action="append", help="LoRA file[:multiplier] hooked into the teacher; repeatable")
@@ -245,15 +326,23 @@ def build_parser() -> argparse.ArgumentParser:
     a("--surge_eval_every_n_steps", type=int, default=0, help="held-out teacher-matching MSE every N steps")
     a("--surge_target_teacher_mse", type=float, default=0.0, help="stop once the held-out MSE is at most this")
     # --- config files
+    a, flag = _adders(p.add_argument_group("config files", "TOML in and out"))
     a("--config_file", type=str, help="TOML with the arguments (sections flattened one level)")
     flag("--output_config", help="write the merged config to the --config_file path and exit")
     return p
 
 
-def _store_true_adder(parser: argparse.ArgumentParser):
-    def add(name: str, **kwargs: Any) -> None:
-        parser.add_argument(name, action="store_true", **kwargs)
-    return add
+def _adders(group: argparse._ArgumentGroup):  # noqa: ANN202 - (add_argument, add store_true flag)
+    """add_argument for this help group, and the same for store_true flags; every flag gets help text."""
+    def add(name: str, **kwargs: Any) -> argparse.Action:
+        kwargs.setdefault("help", HELP.get(name.lstrip("-"), ""))
+        if not kwargs["help"]:
+            raise AssertionError(f"{name} has no help text: add it to HELP")  # a developer error, caught by tests
+        return group.add_argument(name, **kwargs)
+
+    def flag(name: str, **kwargs: Any) -> argparse.Action:
+        return add(name, action="store_true", **kwargs)
+    return add, flag
 
 
 # ------------------------------------------------------------------------------------------- typed config

@@ -138,3 +138,16 @@ def test_tensorboard_tracker_log_prefix_and_lora_resolution(tiny_kit, tmp_path: 
     size = int(re.search(r"resolution = (\d+)", Path(tiny_kit.dataset_toml).read_text()).group(1))
     assert meta["modelspec.resolution"] == f"{size}x{size}"
     assert meta["ss_resolution"].startswith("(")
+
+
+def test_help_describes_every_flag_in_groups_with_defaults():
+    from sd_scripts_surge.config import build_parser
+
+    parser = build_parser()
+    missing = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert not missing, f"flags without help: {missing}"
+    text = parser.format_help()
+    for group in ("model and dataset", "saving", "training and optimizer", "logging and samples", "network (LoRA)",
+                  "surge", "config files"):
+        assert f"{group}:" in text, group
+    assert "(default: 5.0)" in text and "--surge_shock_rate" in text
