@@ -58,7 +58,8 @@ def _param_flag(name: str) -> list[str]:
 
 
 def _add_method(sub: Any, spec: methods.MethodSpec) -> None:
-    p = sub.add_parser(spec.name, help=spec.summary, description=spec.summary)
+    summary = spec.summary.replace("%", "%%")  # argparse %-formats help strings ("100%" crashed --help)
+    p = sub.add_parser(spec.name, help=summary, description=summary)
     if spec.inputs == "base+models":
         p.add_argument("--base", required=True, help="base model (θ_base); deltas are τ_i = θ_i − θ_base")
         p.add_argument("models", nargs="+", help="models to merge")

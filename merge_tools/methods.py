@@ -21,6 +21,7 @@ Inputs are 1-D views (one chunk of the flattened tensor) in the compute dtype (f
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import math
@@ -145,6 +146,9 @@ ALIASES = {"uniform_soup": "soup", "n_average": "soup", "gm": "geometric_median"
 
 
 def register(spec: MethodSpec) -> MethodSpec:
+    """Add a method to the registry; a name (or alias) already taken is an error, never a silent overwrite."""
+    if spec.name in REGISTRY or spec.name in ALIASES:
+        raise ValueError(f"merge method {spec.name!r} is already registered")
     REGISTRY[spec.name] = spec
     return spec
 
@@ -152,7 +156,9 @@ def register(spec: MethodSpec) -> MethodSpec:
 def get(name: str) -> MethodSpec:
     key = ALIASES.get(name.lower().replace("-", "_"), name.lower().replace("-", "_"))
     if key not in REGISTRY:
-        raise KeyError(f"unknown merge method {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        near = difflib.get_close_matches(key, [*REGISTRY, *ALIASES], n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise KeyError(f"unknown merge method {name!r}{hint}; known: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[key]
 
 
