@@ -465,6 +465,46 @@ class AdaSurge(torch.optim.Optimizer):
             self._record_ratios(sums)
         return loss
 
+    # ------------------------------------------------------------------------------ fused backward pass
+
+    def begin_fused_step(self) -> None:
+        """Open one fused step (call before the backward): each group's surge scale advances once, as `step()`
+        does before its updates. Fused steps need the scales set from outside (standalone=False)."""
+        if self.standalone:
+            raise RuntimeError("AdaSurge: the fused backward pass needs standalone=False (per-unit groups from a "
+                               "controller): standalone targets are measured over all tensors of a step")
+        for group in self.param_groups:
+            group["surge_effective"] = advance_surge_scale(group["surge_effective"], group["surge_scale"],
+                                                           group["smooth_rate"], group["shock_rate"])
+
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor, group: dict) -> None:
+        """Update one parameter now, with the scale of the open fused step, and free its gradient.
+
+        The same Adafactor math as `step()` gives that tensor (its per-tensor path, which the multi-tensor path
+        equals bitwise on the CPU); a NaN/Inf gradient skips the tensor and is counted, as in `step()`."""
+        if p.grad is None:
+            return
+        if _nonfinite_flags([p.grad])[0]:
+            group["skipped_tensors"] = int(group["skipped_tensors"]) + 1
+        else:
+            self._update_tensor(p, group, group["surge_effective"], measure=False)
+        p.grad = None
+
+    def register_fused_backward(self, clip: Callable[[torch.Tensor], None] | None = None) -> list[Any]:
+        """sd-scripts' `--fused_backward_pass`: every parameter is updated as soon as its gradient is accumulated
+        and the gradient is freed, so the full set of gradients is never resident. `clip(p)` runs first (e.g.
+        per-tensor gradient-norm clipping, as sd-scripts does there). Returns the hook handles (`.remove()`)."""
+        handles = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                def hook(tensor: torch.Tensor, group: dict = group) -> None:
+                    if clip is not None:
+                        clip(tensor)
+                    self.step_param(tensor, group)
+                handles.append(p.register_post_accumulate_grad_hook(hook))
+        return handles
+
     @staticmethod
     def _record_ratios(sums: list[tuple[dict, list[torch.Tensor], list[torch.Tensor], int]]) -> None:
         """Per group RMS(α·u)/max(eps2, RMS(w)) over all its updated tensors; one host sync."""

@@ -61,7 +61,7 @@ IGNORED_SD_SCRIPTS_KEYS = frozenset("""
     metadata_author metadata_description metadata_license metadata_tags face_crop_aug_range debug_dataset in_json
     dataset_repeats token_warmup_min token_warmup_step weighted_captions scale_v_pred_loss_like_noise_pred
     v_pred_like_loss zero_terminal_snr min_timestep max_timestep timestep_sampling discrete_flow_shift fp8_base
-    fp8_base_unet fused_backward_pass fused_optimizer_groups lr_scheduler_min_lr_ratio lr_scheduler_timescale
+    fp8_base_unet fused_optimizer_groups lr_scheduler_min_lr_ratio lr_scheduler_timescale
     lr_decay_steps stop_text_encoder_training dim_from_weights scale_weight_norms network_dropout base_weights
     base_weights_multiplier no_metadata save_n_epoch_ratio learning_rate_te learning_rate_te1 learning_rate_te2
     text_encoder_lr1 text_encoder_lr2 network_train_text_encoder_only bucket_no_upscale secondary_separator
@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--full_fp16")
     flag("--full_bf16")
     flag("--gradient_checkpointing")
+    flag("--fused_backward_pass", help="ADA_SURGE only: update each parameter as its gradient is ready and free "
+         "the gradient (full gradients never resident); one process, no gradient accumulation, max_grad_norm per "
+         "tensor (as sd-scripts)")
     flag("--xformers")
     flag("--sdpa")
     flag("--no_half_vae")
@@ -446,6 +449,7 @@ class TrainConfig:
     full_fp16: bool = False
     full_bf16: bool = False
     gradient_checkpointing: bool = False
+    fused_backward_pass: bool = False
     xformers: bool = False
     sdpa: bool = False
     no_half_vae: bool = False
@@ -863,6 +867,12 @@ def validate(c: TrainConfig, where: str) -> None:
     need(c.save_precision in ("float", "fp16", "bf16"), "save_precision", "must be float, fp16 or bf16")
     need(c.save_model_as != "ckpt", "save_model_as", "ckpt (pickle) is not written by this trainer; use safetensors")
     need(c.save_model_as in ("safetensors", "diffusers"), "save_model_as", "must be safetensors or diffusers")
+    if c.fused_backward_pass:
+        need(c.optimizer_type.lower().replace("_", "") == "adasurge", "fused_backward_pass",
+             f"is implemented for ADA_SURGE (got optimizer_type {c.optimizer_type!r})")
+        need(c.gradient_accumulation_steps == 1, "fused_backward_pass",
+             "cannot accumulate gradients (they are applied and freed in backward): gradient_accumulation_steps 1")
+        need(c.mixed_precision != "fp16", "fused_backward_pass", "cannot run under fp16 loss scaling: use bf16 or no")
     # kohya flags this trainer does not implement: refused with the reason, never accepted and ignored
     need(not c.train_text_encoder, "train_text_encoder",
          "is not supported: the text encoders stay frozen (as in the surge seed); their embeddings are cached")

@@ -326,3 +326,41 @@ def test_foreach_path_is_bitwise_the_per_tensor_path(relative_step, scale_parame
         assert torch.equal(a, b)
     assert opt_fast.param_groups[0]["surge_ratio"] == opt_slow.param_groups[0]["surge_ratio"]
     assert opt_fast.state[fast[1]]["step"] == 7 and opt_fast.state[fast[0]]["step"] == 8
+
+
+# ------------------------------------------------------------------------------------------ fused backward
+
+
+@pytest.mark.parametrize("beta1", [None, 0.9])
+def test_fused_backward_gives_the_weights_of_the_unfused_path(beta1):
+    """--fused_backward_pass: updated per parameter during backward, gradients freed; identical weights after N
+    steps (per-unit surge scales changing on the way), and no gradient left resident."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+    nets = [net, copy.deepcopy(net)]
+
+    def make(model):
+        groups = [{"params": list(model[0].parameters()), "unit": "a"},
+                  {"params": list(model[2].parameters()), "unit": "b"}]
+        return AdaSurge(groups, lr=1e-2, beta1=beta1, weight_decay=0.01)
+
+    plain, fused = make(nets[0]), make(nets[1])
+    handles = fused.register_fused_backward()
+    for step in range(6):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+        for opt, model in ((plain, nets[0]), (fused, nets[1])):
+            for g, s in zip(opt.param_groups, (1.0 + 0.3 * step, 1.0 / (1 + step))):
+                g["surge_scale"] = s
+        plain.zero_grad()
+        nets[0](x).square().mean().backward()
+        plain.step()
+        fused.begin_fused_step()
+        nets[1](x).square().mean().backward()
+        assert all(p.grad is None for p in nets[1].parameters())
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(a, b)
+    assert plain.effective_scales() == fused.effective_scales()
+    for h in handles:
+        h.remove()
+    with pytest.raises(RuntimeError, match="standalone=False"):
+        AdaSurge(nets[1].parameters(), lr=1e-2).begin_fused_step()

@@ -209,3 +209,18 @@ def test_cached_teacher_trains_from_targets_and_refuses_varying_inputs(tiny_kit,
     with pytest.raises(Exception, match="flip_aug"):
         train(parse_train_args(["--config_file", str(cfg), "--dataset_config", str(flip), "--surge_teacher", "cached",
                                 "--output_dir", str(tmp_path / "out2")]))
+
+
+@pytest.mark.slow
+def test_fused_backward_pass_trains_the_same_weights_as_the_unfused_path(tiny_kit, tmp_path: Path) -> None:  # noqa: F811
+    finals = {}
+    for fused in (False, True):
+        out = tmp_path / ("fused" if fused else "plain")
+        cfg = write_config(tmp_path / f"cfg{fused}.toml", tiny_kit, out, steps=3)
+        argv = ["--config_file", str(cfg), "--max_grad_norm", "0", "--surge_replay_units", "0"]
+        finals[fused] = train(parse_train_args(argv + (["--fused_backward_pass"] if fused else [])))
+    plain, fused = unet_tensors(finals[False]), unet_tensors(finals[True])
+    assert plain.keys() == fused.keys()
+    assert all(torch.equal(plain[k], fused[k]) for k in plain)
+    with pytest.raises(Exception, match="ADA_SURGE"):
+        parse_train_args(["--fused_backward_pass", "--optimizer_type", "AdamW"])

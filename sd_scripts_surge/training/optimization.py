@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from accelerate import Accelerator
 
-from sd_scripts_surge.config import TrainConfig
+from sd_scripts_surge.config import ConfigError, TrainConfig
 from sd_scripts_surge.training.state import TrainProgress
 
 
@@ -60,3 +60,21 @@ def lr_logs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return logs
 
 
+
+
+def fused_backward(cfg: TrainConfig, optimizer: torch.optim.Optimizer, trainable, accelerator: Accelerator):  # noqa: ANN001, ANN201
+    """Hook ADA_SURGE's fused backward pass (`--fused_backward_pass`); returns the AdaSurge to open each step."""
+    from library.surge_optimizer import AdaSurge
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+    if not isinstance(inner, AdaSurge):
+        raise ConfigError(f"--fused_backward_pass needs ADA_SURGE (the optimizer is {type(inner).__name__})")
+    if accelerator.num_processes > 1:
+        raise ConfigError("--fused_backward_pass runs in one process: gradients would be applied before DDP "
+                          "averages them; drop the flag for multi-process training")
+    clip = None
+    if cfg.max_grad_norm:
+        def clip(tensor: torch.Tensor) -> None:  # per tensor, as sd-scripts' fused pass does
+            torch.nn.utils.clip_grad_norm_([tensor], cfg.max_grad_norm)
+    inner.register_fused_backward(clip)
+    return inner

@@ -101,6 +101,7 @@ def train(cfg: TrainConfig) -> Path:
         trainable.module, optimizer, scheduler = accelerator.prepare(trainable.module, optimizer, scheduler)
         unet = student.unet.to(accelerator.device)
     student_module = accelerator.unwrap_model(unet)
+    fused = optimization.fused_backward(cfg, optimizer, trainable, accelerator) if cfg.fused_backward_pass else None
     synced = unet if trainable.network is None else trainable.module  # what DDP wraps
     progress = TrainProgress(seed=cfg.seed)
     for obj in (progress, data.sampler, controller):
@@ -160,10 +161,14 @@ def train(cfg: TrainConfig) -> Path:
                         optimization.skip_nonfinite_step(optimizer, scheduler, progress, log)
                         progress.step_in_epoch += 1
                         continue
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(trainable.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
+                    if fused is not None:  # each parameter is updated inside backward, its gradient freed
+                        fused.begin_fused_step()
+                        accelerator.backward(loss)
+                    else:
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and cfg.max_grad_norm:
+                            accelerator.clip_grad_norm_(trainable.parameters(), cfg.max_grad_norm)
+                        optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 progress.step_in_epoch += 1
