@@ -348,7 +348,7 @@ def test_fused_backward_gives_the_weights_of_the_unfused_path(beta1):
     handles = fused.register_fused_backward()
     for step in range(6):
         x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
-        for opt, model in ((plain, nets[0]), (fused, nets[1])):
+        for opt in (plain, fused):
             for g, s in zip(opt.param_groups, (1.0 + 0.3 * step, 1.0 / (1 + step))):
                 g["surge_scale"] = s
         plain.zero_grad()
