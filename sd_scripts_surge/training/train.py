@@ -117,6 +117,9 @@ def train(cfg: TrainConfig) -> Path:
     targets = None  # DESIGN §3 G: the teacher answered ahead of time (built inside the clock: it is training time)
     if surge is not None and cfg.surge.teacher == "cached":
         targets = surge_setup.build_target_cache(cfg, surge, loss_fn, data, alphas_cumprod, accelerator, log)
+        if accelerator.device.type != "cpu":  # not needed on the device until the final teacher samples
+            surge.teacher.to("cpu")
+            log("teacher moved to CPU memory while training from cached targets")
     if surge is not None and cfg.surge.eval_every_n_steps and progress.global_step == 0:
         evaluate(surge, student_module, progress, accelerator, clock)
 
@@ -221,6 +224,8 @@ def train(cfg: TrainConfig) -> Path:
                                    data.resolution)
     if cfg.save_state:
         save_state(accelerator, progress, output_dir / f"{cfg.output_name}-state")
+    if targets is not None and accelerator.device.type != "cpu":
+        surge.teacher.to(accelerator.device)
     if accelerator.is_main_process:
         samples_after = samples.sample_images(cfg, sources, student, student_module, data, "student_after", accelerator)
         sheet = samples.final_samples(cfg, sources, surge, student, data, samples_before, samples_after, output_dir)
