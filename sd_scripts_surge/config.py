@@ -328,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="cached teacher: refuse a target cache larger than this (e.g. 8GB, 512MB; 0: no limit)")
     a("--surge_eval_every_n_steps", type=int, default=0, help="held-out teacher-matching MSE every N steps")
     a("--surge_target_teacher_mse", type=float, default=0.0, help="stop once the held-out MSE is at most this")
+    a("--estimate", type=_bool, default=False, nargs="?", const=True,
+      help="print the memory plan (per component, built on the meta device: instant for full SDXL) and exit")
+    a("--estimate_device", type=str, default="",
+      help="device memory to check the plan against, e.g. 24GB (the plan is printed at the start of every run)")
     # --- config files
     a, flag = _adders(p.add_argument_group("config files", "TOML in and out"))
     a("--config_file", type=str, help="TOML with the arguments (sections flattened one level)")
@@ -450,6 +454,8 @@ class TrainConfig:
     full_bf16: bool = False
     gradient_checkpointing: bool = False
     fused_backward_pass: bool = False
+    estimate: bool = False
+    estimate_device: str = ""
     xformers: bool = False
     sdpa: bool = False
     no_half_vae: bool = False

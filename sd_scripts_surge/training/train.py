@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from sd_scripts_surge.config import ConfigError, TrainConfig, flag_notes, parse_train_args
 from sd_scripts_surge.data import DataError
+from sd_scripts_surge.data.dataset import load_datasets
 from sd_scripts_surge.surge.distill import noise_batch, noised_batch, surge_epoch_update
 from sd_scripts_surge.surge.losses import prior_loss_weights
 from sd_scripts_surge.training import (
@@ -35,6 +36,7 @@ from sd_scripts_surge.training import (
     surge_setup,
     trainables,
 )
+from sd_scripts_surge.training.estimate import MemoryPlan, device_bytes, estimate
 from sd_scripts_surge.training.report import EpochRecord, write_report
 from sd_scripts_surge.training.state import PROGRESS_MARKER, TrainProgress, find_resume_dir
 
@@ -74,6 +76,10 @@ def train(cfg: TrainConfig) -> Path:
     # ----- set up
     with accelerator.main_process_first():  # the tiny kit and latent caches are built once
         sources = inputs.resolve_sources(cfg, log)
+        memory_plan(cfg, sources, log)
+        if cfg.estimate:
+            accelerator.end_training()
+            return Path(sources.student)
         student = inputs.load_student(cfg, sources)
         data = inputs.build_data(cfg, sources, student, accelerator, log)
     trainable = trainables.make_trainable(cfg, student, log)
@@ -234,6 +240,27 @@ def train(cfg: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def memory_plan(cfg: TrainConfig, sources: inputs.Sources, log) -> MemoryPlan | None:  # noqa: ANN001
+    """`--estimate`'s plan, printed before anything is loaded; None (with a line) when it cannot be built."""
+    try:
+        datasets = load_datasets(cfg, sources.dataset_config, sources.train_data_dir)
+        width, height = datasets[0].resolution
+        teachers = max(1, len(sources.teachers)) if cfg.surge.enabled else 0
+        plan = estimate(cfg, sources.student, resolution=(height, width), teachers=teachers)
+    except Exception as e:  # noqa: BLE001 - the estimate is advice; the run's own loading reports real errors
+        if cfg.estimate:
+            raise
+        log(f"memory estimate unavailable: {e}")
+        return None
+    device = device_bytes(cfg.estimate_device)
+    log("memory plan (estimate):\n" + plan.table(device))
+    if device and plan.fits(device) == "does NOT fit" and not cfg.estimate:
+        raise ConfigError(f"the estimated {plan.total() / 2**30:.1f} GiB (+ overhead) do not fit "
+                          f"--estimate_device {cfg.estimate_device}: see the plan above (gradient checkpointing, "
+                          "--fused_backward_pass, full_bf16, --surge_teacher cached, LoRA or a smaller batch)")
+    return plan
 
 
 def tracker_logging_dir(cfg: TrainConfig) -> str | None:

@@ -1,0 +1,274 @@
+"""`--estimate`: what a run will hold in accelerator memory, component by component, before anything is loaded.
+
+Built on the meta device (no weights are read, so it is instant for a full-size SDXL): the student's configs
+come from the checkpoint's header or its diffusers `config.json` files, the modules are built empty, and
+activations are measured by a meta forward + backward graph at the configured batch and resolution. Components:
+
+- student weights: trained parameters in their dtype (fp32, or bf16 with full_bf16); a LoRA run holds the frozen
+  UNet in fp32 plus the network;
+- gradients: one per trained parameter, in its dtype; with the fused backward pass only the largest one;
+- optimizer state, by optimizer: AdamW 2 × fp32 per parameter, 8-bit Adam/Lion 2 / 1 bytes, Lion/SGD momentum
+  1 × fp32, Adafactor/ADA_SURGE the factored second moment (rows + columns of every ≥ 2-D tensor, full for 1-D)
+  in the state dtype (+ a full first moment with beta1);
+- teacher: a second UNet in fp32 when live (per teacher), none with `surge_teacher cached` (offloaded to CPU);
+- text encoders and VAE (fp32, frozen);
+- activations: what autograd saves for backward in one step (saved-tensor hooks on the meta graph); with
+  gradient checkpointing, the checkpointed blocks' inputs plus the largest block recomputed in backward;
+  halved for tensors autocast keeps in bf16/fp16;
+- on disk: the flavor cache (probes × seeds, every unit's input and output, measured by a meta capture, at
+  flavor_resolution when set).
+
+Numbers are estimates: allocator fragmentation, CUDA context (~0.3–0.5 GB) and kernels' workspaces come on top
+(`overhead`), so a plan within ~10 % of the device size is reported as tight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sd_scripts_surge.config import TrainConfig, parse_size
+from sd_scripts_surge.models import configs as model_configs
+
+GIB = 2**30
+CUDA_OVERHEAD = int(0.5 * GIB)  # context + cuBLAS/cuDNN workspaces, observed 0.3–0.5 GB
+# the blocks diffusers' gradient checkpointing wraps: every ResBlock and Transformer2D of the UNet
+CHECKPOINTED = re.compile(r"^(?:(?:down|up)_blocks\.\d+|mid_block)\.(?:resnets|attentions)\.\d+$")
+
+
+@dataclass
+class Part:
+    name: str
+    bytes: int
+    where: str = "device"  # device | ram | disk
+    note: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    parts: list[Part] = field(default_factory=list)
+
+    def total(self, where: str = "device") -> int:
+        return sum(p.bytes for p in self.parts if p.where == where)
+
+    def fits(self, device_bytes: int) -> str:
+        need = self.total() + CUDA_OVERHEAD
+        if need > device_bytes:
+            return "does NOT fit"
+        return "fits (tight)" if need > 0.9 * device_bytes else "fits"
+
+    def table(self, device_bytes: int = 0) -> str:
+        lines = [f"{'component':28s} {'GiB':>8s}  where   note"]
+        for p in self.parts:
+            lines.append(f"{p.name:28s} {p.bytes / GIB:8.2f}  {p.where:6s}  {p.note}")
+        lines.append(f"{'total on the device':28s} {self.total() / GIB:8.2f}  (+{CUDA_OVERHEAD / GIB:.1f} overhead)")
+        if device_bytes:
+            lines.append(f"{'device':28s} {device_bytes / GIB:8.2f}  → {self.fits(device_bytes)}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+def read_model_configs(path: str | Path) -> model_configs.ModelConfigs:
+    """The component configs of a checkpoint without reading its weights (header or config.json files)."""
+    path = Path(path)
+    if path.is_dir():
+        def read(sub: str) -> dict | None:
+            f = path / sub / "config.json"
+            return model_configs.clean_config(json.loads(f.read_text())) if f.is_file() else None
+
+        unet = read("unet")
+        if unet is None:
+            raise FileNotFoundError(f"{path}: no unet/config.json (not a diffusers model folder)")
+        arch = "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd1"
+        standard = model_configs.standard_configs(arch)
+        return model_configs.ModelConfigs(arch, unet, read("vae") or standard.vae,
+                                          read("text_encoder") or standard.text_encoder_1,
+                                          read("text_encoder_2") or standard.text_encoder_2, source="diffusers")
+    from sd_scripts_surge.models.fileio import read_safetensors_header
+    from sd_scripts_surge.models.io import _resolve_single_file_configs, detect_arch
+
+    header, metadata = read_safetensors_header(path)
+    shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+    arch = detect_arch(shapes)
+    return _resolve_single_file_configs(arch, shapes, metadata, None, path)
+
+
+def meta_module(component: str, config: dict) -> nn.Module:
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with init_empty_weights(include_buffers=True):
+        if component == "unet":
+            return UNet2DConditionModel(**config)
+        if component == "vae":
+            return AutoencoderKL(**config)
+        te = CLIPTextConfig(**config)
+        return CLIPTextModel(te) if component == "text_encoder_1" else CLIPTextModelWithProjection(te)
+
+
+def _bytes(params: Sequence[torch.Tensor], bytes_per: int) -> int:
+    return sum(p.numel() for p in params) * bytes_per
+
+
+# ----------------------------------------------------------------------------------------- optimizer state
+
+
+def optimizer_state_bytes(optimizer_type: str, params: Sequence[torch.Tensor], optimizer_args: Sequence[str]) -> int:
+    """Bytes of optimizer state for `params` (shapes only)."""
+    name = optimizer_type.lower().replace("_", "").rsplit(".", 1)[-1]
+    args = dict(a.split("=", 1) for a in optimizer_args if "=" in a)
+    n = sum(p.numel() for p in params)
+    if name in ("adasurge", "adafactor"):
+        state = 8 if str(args.get("state_dtype", "'fp32'")).strip("'\"") in ("fp64", "64", "float64") else 4
+        factored = sum((math.prod(p.shape[:-1]) + math.prod(p.shape[:-2]) * p.shape[-1]) if p.dim() >= 2
+                       else p.numel() for p in params)
+        beta1 = args.get("beta1", "None").strip() not in ("None", "0", "0.0")
+        return factored * state + (n * state if beta1 else 0)
+    if "8bit" in name:
+        return n * (1 if "lion" in name else 2)
+    if name.startswith("lion") or name == "sgd":
+        return n * 4
+    return n * 8  # AdamW and Adam-like: exp_avg + exp_avg_sq in fp32
+
+
+# --------------------------------------------------------------------------------------------- activations
+
+
+def activation_bytes(unet: nn.Module, batch: int, height: int, width: int, checkpointing: bool,
+                     half: bool) -> int:
+    """Bytes autograd keeps from the forward for the backward, measured on a meta graph."""
+    kwargs = meta_inputs(unet, batch, height, width)
+    params = {id(p) for p in unet.parameters()}
+    per_block: dict[str, int] = {}
+    current = {"block": "other"}
+    saved = {"total": 0}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in params and t.is_floating_point():
+            size = t.numel() * (2 if half else t.element_size())
+            saved["total"] += size
+            per_block[current["block"]] = per_block.get(current["block"], 0) + size
+        return t
+
+    blocks = [m for name, m in unet.named_modules() if CHECKPOINTED.match(name)]
+    inputs = {"bytes": 0}
+    handles = []
+    for i, block in enumerate(blocks):
+        def pre(module, args, i=i):  # noqa: ANN001
+            current["block"] = str(i)
+            x = args[0] if args else None
+            if torch.is_tensor(x):
+                inputs["bytes"] += x.numel() * (2 if half else x.element_size())
+
+        def post(module, args, out):  # noqa: ANN001
+            current["block"] = "other"
+        handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+    unet.requires_grad_(True)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            unet(**kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    if not checkpointing:
+        return saved["total"]
+    outside = per_block.get("other", 0)
+    largest = max((v for k, v in per_block.items() if k != "other"), default=0)
+    return outside + inputs["bytes"] + largest
+
+
+# ------------------------------------------------------------------------------------------------- the plan
+
+
+def estimate(cfg: TrainConfig, student_path: str | Path, *, resolution: tuple[int, int] | None = None,
+             teachers: int = 1) -> MemoryPlan:
+    """The memory plan of `cfg` with the student at `student_path` (see module docstring)."""
+    configs = read_model_configs(student_path)
+    unet = meta_module("unet", configs.unet)
+    height, width = resolution or (cfg.resolution[1], cfg.resolution[0])
+    plan = MemoryPlan()
+    unet_params = list(unet.parameters())
+    lora = bool(cfg.network_module)
+    if lora:
+        dim = cfg.network_dim or 4
+        lora_params = [torch.empty(dim * (m.in_features + m.out_features), device="meta")
+                       for m in unet.modules() if isinstance(m, nn.Linear)]
+        trained = lora_params
+        plan.parts.append(Part("student UNet (frozen)", _bytes(unet_params, 4), note="fp32"))
+        plan.parts.append(Part("LoRA network", _bytes(lora_params, 4), note=f"dim {dim}, Linear layers"))
+        weight_bytes = 4
+    else:
+        trained = unet_params
+        weight_bytes = 2 if cfg.full_bf16 else 4
+        plan.parts.append(Part("student UNet (trained)", _bytes(unet_params, weight_bytes),
+                               note="bf16" if cfg.full_bf16 else "fp32"))
+    if cfg.fused_backward_pass:
+        largest = max(p.numel() for p in trained)
+        plan.parts.append(Part("gradients", largest * weight_bytes, note="fused backward: one tensor at a time"))
+    else:
+        plan.parts.append(Part("gradients", _bytes(trained, weight_bytes), note="one per trained parameter"))
+    plan.parts.append(Part("optimizer state", optimizer_state_bytes(cfg.optimizer_type, trained, cfg.optimizer_args),
+                           note=cfg.optimizer_type))
+    if cfg.surge.enabled:
+        teacher_bytes = _bytes(unet_params, 4) * teachers
+        if cfg.surge.teacher == "cached":
+            plan.parts.append(Part("teacher UNet", teacher_bytes, "ram", "cached targets: offloaded while training"))
+        else:
+            plan.parts.append(Part("teacher UNet", teacher_bytes, note=f"live, fp32 × {teachers}"))
+    frozen = sum(sum(p.numel() for p in meta_module(c, configs.get(c)).parameters())
+                 for c in ("vae", "text_encoder_1", "text_encoder_2") if configs.get(c) is not None)
+    plan.parts.append(Part("text encoders + VAE", frozen * 4, note="fp32, frozen"))
+    half = cfg.mixed_precision in ("bf16", "fp16")
+    acts = activation_bytes(unet, cfg.train_batch_size, height, width, cfg.gradient_checkpointing, half)
+    plan.parts.append(Part("activations", acts, note=f"batch {cfg.train_batch_size} at {width}x{height}"
+                           + (", gradient checkpointing" if cfg.gradient_checkpointing else "")))
+    if cfg.surge.enabled:
+        per_probe = flavor_bytes(unet, cfg.surge.unit_map, height, width, cfg.surge.flavor_resolution or None)
+        pooled = f"pooled to {cfg.surge.flavor_resolution}" if cfg.surge.flavor_resolution else "full size"
+        plan.parts.append(Part("flavor cache", per_probe * cfg.surge.probes * cfg.surge.num_seeds, "disk",
+                               f"{cfg.surge.probes} probes × {cfg.surge.num_seeds} seeds, every unit's input and "
+                               f"output, {pooled}"))
+    return plan
+
+
+def flavor_bytes(unet: nn.Module, unit_map: str, height: int, width: int, pool_to: int | None) -> int:
+    """Bytes of one probe sample's flavor (every unit's input and output, side inputs), from a meta capture."""
+    from sd_scripts_surge.surge.capture import CaptureOptions, capture_flavor
+    from sd_scripts_surge.surge.units import build_unit_map
+
+    kwargs = meta_inputs(unet, 1, height, width)
+    with torch.no_grad():
+        _, flavor = capture_flavor(unet, build_unit_map(unet, unit_map), kwargs,
+                                   CaptureOptions(pool_to=pool_to, head_stats=False, time_units=False))
+    tensors = [t for u in flavor.units.values() for t in (u.input, u.output, *u.side.values()) if t is not None]
+    tensors += list(flavor.shared.values())
+    return sum(t.numel() * 4 for t in tensors if torch.is_tensor(t))  # stored as fp32
+
+
+def meta_inputs(unet: nn.Module, batch: int, height: int, width: int) -> dict:
+    """UNet keyword arguments of the right shapes on the meta device."""
+    cfg = unet.config
+    dev = torch.device("meta")
+    kwargs = {"sample": torch.empty(batch, cfg.in_channels, height // 8, width // 8, device=dev),
+              "timestep": torch.tensor([500] * batch, device=dev),
+              "encoder_hidden_states": torch.empty(batch, 77, cfg.cross_attention_dim, device=dev)}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled, device=dev),
+                                       "time_ids": torch.empty(batch, 6, device=dev)}
+    return kwargs
+
+
+def device_bytes(text: str) -> int:
+    """`--estimate_device 24GB` → bytes (0 when not given)."""
+    return parse_size(text or "0")
