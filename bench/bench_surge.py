@@ -383,8 +383,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: up to 2)")
     parser.add_argument("--summarize_only", action="store_true",
                         help="rebuild the tables from the finished runs under --work (e.g. after stopping early)")
+    parser.add_argument("--from_json", nargs="*", default=[],
+                        help="rebuild the tables (with --target) from runs-*.json files written by earlier runs")
     args = parser.parse_args()
     targets = [float(t) for t in args.target.split(",") if t]
+    if args.from_json:
+        for path in args.from_json:
+            for task, runs in json.loads(Path(path).read_text()).items():
+                print("\n".join(summarize_all(runs, task, targets, args.max_steps)))
+        return
     if args.summarize_only:
         print("\n".join(summarize_folder(Path(args.work), targets, args.max_steps)))
         return

@@ -208,3 +208,26 @@ def test_scheduler_type_paths():
                          scheduler_type="StepLR", scheduler_args=["step_size=10"])
     with pytest.raises(ValueError, match="unknown"):
         create_scheduler("cosine_wobble", torch.optim.SGD(sdxl_train_params()), 80)
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "PagedAdamW8bit", "Lion8bit"])
+def test_bitsandbytes_8bit_optimizers_with_per_unit_groups(name):
+    """kohya_ss's default optimizer family: per-unit param groups kept, 8-bit (uint8) state, the loss goes down."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (requirements-dev.txt pins it)")
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, 64) for _ in range(2)]
+    groups = [{"params": list(layer.parameters()), "unit": f"u{i}", "lr": 1e-2 * (i + 1)}
+              for i, layer in enumerate(layers)]
+    opt = create_optimizer(name, groups, 1e-2)
+    assert [g["unit"] for g in opt.param_groups] == ["u0", "u1"] and opt.param_groups[1]["lr"] == 2e-2
+    x, y = torch.randn(32, 64), torch.randn(32, 64)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(layers[1](layers[0](x)), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    state = opt.state[layers[0].weight]
+    assert state["state1"].dtype == torch.uint8  # blockwise-quantized moment

@@ -1,6 +1,7 @@
 """Optimizer and LR-scheduler names of our trainer, with sd-scripts' meaning (`--optimizer_type`, `--lr_scheduler`).
 
-Optimizers (case-insensitive): ADA_SURGE (alias AdaSurge), AdamW, AdamW8bit (bitsandbytes), Adafactor
+Optimizers (case-insensitive): ADA_SURGE (alias AdaSurge), AdamW, AdamW8bit / PagedAdamW8bit / Lion8bit
+(bitsandbytes' blockwise 8-bit state, also on the CPU with bitsandbytes ≥ 0.45), Adafactor
 (transformers; kohya's defaults: relative_step=True unless given, then the lr is only the initial lr and the
 ``adafactor`` schedule is used), SGD, SGDNesterov, Lion (lion_pytorch), any ``torch.optim`` class by name, and
 any dotted path ``module.Class`` (called as ``Class(params, lr=learning_rate, **optimizer_args)``).
@@ -33,7 +34,9 @@ from library.surge_optimizer import AdaSurge
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZER_NAMES = ("ADA_SURGE", "AdaSurge", "AdamW", "AdamW8bit", "Adafactor", "SGD", "SGDNesterov", "Lion")
+OPTIMIZER_NAMES = ("ADA_SURGE", "AdaSurge", "AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion8bit", "Adafactor", "SGD",
+                   "SGDNesterov", "Lion")
+BITSANDBYTES = {"adamw8bit": "AdamW8bit", "pagedadamw8bit": "PagedAdamW8bit", "lion8bit": "Lion8bit"}
 SCHEDULER_NAMES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
                    "adafactor", "cascade")
 
@@ -101,8 +104,8 @@ def create_optimizer(optimizer_type: str | None, params: Iterable[Any], learning
         kwargs.setdefault("momentum", 0.9)
         kwargs["nesterov"] = True
         cls = torch.optim.SGD
-    elif key == "adamw8bit":
-        cls = _bitsandbytes_adamw8bit()
+    elif key in BITSANDBYTES:
+        cls = _bitsandbytes(BITSANDBYTES[key])
     elif key == "lion":
         cls = _lion()
     elif key == "adafactor":
@@ -116,13 +119,13 @@ def create_optimizer(optimizer_type: str | None, params: Iterable[Any], learning
         raise TypeError(f"--optimizer_type {name}: {e}; check --optimizer_args {kwargs}") from e
 
 
-def _bitsandbytes_adamw8bit() -> Any:
+def _bitsandbytes(name: str) -> Any:
     try:
         import bitsandbytes as bnb
     except ImportError as e:
-        raise ImportError("--optimizer_type AdamW8bit needs bitsandbytes: `pip install bitsandbytes` "
+        raise ImportError(f"--optimizer_type {name} needs bitsandbytes: `pip install bitsandbytes==0.50.2` "
                           "(or use AdamW / ADA_SURGE)") from e
-    return bnb.optim.AdamW8bit
+    return getattr(bnb.optim, name)
 
 
 def _lion() -> Any:
