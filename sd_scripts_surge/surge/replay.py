@@ -23,7 +23,8 @@ got worse are rolled back to their exact weights, the others kept.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -224,6 +225,27 @@ def _keep_if_better(unet, unit_map, unit, flavors, params, snapshot, before, pre
     return ReplayResult(unit, mode, accepted, before, after, steps)
 
 
+@contextlib.contextmanager
+def _trainable(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """`tensors` require grad inside; their `requires_grad` and `.grad` are as they were afterwards."""
+    saved = [(q.requires_grad, q.grad) for q in tensors]
+    try:
+        for q in tensors:
+            q.requires_grad_(True)
+        yield
+    finally:
+        for q, (requires_grad, grad) in zip(tensors, saved):
+            q.requires_grad_(requires_grad)
+            q.grad = grad
+
+
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """One replay step: gradients of `loss` for `tensors` only (the rest of the model keeps its .grad)."""
+    for q, g in zip(tensors, torch.autograd.grad(loss, tensors, allow_unused=True)):
+        q.grad = g
+    optimizer.step()
+
+
 def replay_unit(unet: nn.Module, unit_map: UnitMap, unit: str, flavors: Sequence[Flavor], *, replay_steps: int = 100,
                 lr: float = 1e-4, pre_change_layers: int = 0, post_change_layers: int = 1,
                 params: Sequence[tuple[str, nn.Parameter]] | None = None) -> ReplayResult:
@@ -241,25 +263,14 @@ def replay_unit(unet: nn.Module, unit_map: UnitMap, unit: str, flavors: Sequence
     snapshot = _snapshot(params)
     inputs = [_unit_input(unet, window, fl, device, dtype) for fl in flavors]
     tensors = [p for _, p in params]
-    saved = [(p.requires_grad, p.grad) for p in tensors]
     optimizer = torch.optim.AdamW(tensors, lr=lr, weight_decay=0.0)
-    try:
-        for p in tensors:
-            p.requires_grad_(True)
+    with _trainable(tensors):
         for step in range(replay_steps):
             fl, x = flavors[step % len(flavors)], inputs[step % len(flavors)]
             shared = _shared(fl, device, dtype)
             y = run_unit(unet, window.unit, x, shared, _side(window.unit, fl, {}, x))
             _check_shapes(window.unit, y, fl)
-            loss = F.mse_loss(y.float(), fl.units[unit].output.to(device).float())
-            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-            for p, g in zip(tensors, grads):
-                p.grad = g
-            optimizer.step()
-    finally:
-        for p, (requires_grad, grad) in zip(tensors, saved):
-            p.requires_grad_(requires_grad)
-            p.grad = grad
+            _step(optimizer, F.mse_loss(y.float(), fl.units[unit].output.to(device).float()), tensors)
     return _keep_if_better(unet, unit_map, unit, flavors, params, snapshot, before, pre_change_layers,
                            post_change_layers, "train", replay_steps)
 
@@ -310,14 +321,11 @@ def replay_all_units(unet: nn.Module, unit_map: UnitMap, units: Sequence[str], f
     before = {s.name: window_error(unet, unit_map, s.name, flavors, 0, post_change_layers) for s in specs}
     snapshots = {s.name: _snapshot(owned[s.name]) for s in specs}
     tensors = [q for s in specs for _, q in owned[s.name]]
-    saved = [(q.requires_grad, q.grad) for q in tensors]
     targets = [{s.name: fl.units[s.name].output.to(device).float() for s in specs} for fl in flavors]
     norms = [{u: float(y.pow(2).mean()) + 1e-12 for u, y in tgt.items()} for tgt in targets]
     inputs = [{s.name: fl.units[s.name].input.to(device, dtype) for s in specs} for fl in flavors]
     optimizer = torch.optim.AdamW(tensors, lr=lr, weight_decay=0.0)
-    try:
-        for q in tensors:
-            q.requires_grad_(True)
+    with _trainable(tensors):
         for step in range(replay_steps):
             k = step % len(flavors)
             fl, shared = flavors[k], _shared(flavors[k], device, dtype)
@@ -327,14 +335,7 @@ def replay_all_units(unet: nn.Module, unit_map: UnitMap, units: Sequence[str], f
                 y = run_unit(unet, spec, x, shared, _side(spec, fl, {}, x))
                 _check_shapes(spec, y, fl)
                 loss = loss + F.mse_loss(y.float(), targets[k][spec.name]) / norms[k][spec.name]
-            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-            for q, g in zip(tensors, grads):
-                q.grad = g
-            optimizer.step()
-    finally:
-        for q, (requires_grad, grad) in zip(tensors, saved):
-            q.requires_grad_(requires_grad)
-            q.grad = grad
+            _step(optimizer, loss, tensors)
     results = {s.name: ReplayResult(s.name, "train_all", True, before[s.name], before[s.name], replay_steps)
                for s in specs}
     # Test with every change in place; a rollback can make a neighbour's window worse, so test again until no
