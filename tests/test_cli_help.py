@@ -15,6 +15,7 @@ ENTRY_POINTS = [
     ["-m", "sd_scripts_surge.tiny"],
     ["-m", "sd_scripts_surge.gui"],
     ["-m", "sd_scripts_surge.models.prune"],
+    ["-m", "sd_scripts_surge.install_kohya"],
 ]
 
 
