@@ -71,4 +71,18 @@ def test_estimate_flag_prints_the_plan_and_exits_before_loading(tiny_kit, tmp_pa
     assert not (tmp_path / "out" / "dev.safetensors").exists()
 
 
+def test_single_file_configs_come_from_the_header(tiny_kit, tmp_path):  # noqa: F811
+    """A single-file checkpoint: the configs are read from its header; the estimate matches the folder's."""
+    from sd_scripts_surge.models.io import load_model, save_single_file
+    from sd_scripts_surge.training.estimate import read_model_configs
+
+    single = tmp_path / "tiny.safetensors"
+    save_single_file(load_model(str(tiny_kit.base_dir)), single)
+    from_file, from_folder = read_model_configs(single), read_model_configs(tiny_kit.base_dir)
+    assert from_file.arch == from_folder.arch == "sdxl"
+    cfg = parse_train_args(["--resolution", "64"])
+    assert parts(estimate(cfg, single))["student UNet (trained)"] == \
+        parts(estimate(cfg, tiny_kit.base_dir))["student UNet (trained)"]
+
+
 from tests.tiny_fixtures import tiny_kit  # noqa: E402, F401

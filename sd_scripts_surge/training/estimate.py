@@ -96,10 +96,10 @@ def read_model_configs(path: str | Path) -> model_configs.ModelConfigs:
     from sd_scripts_surge.models.fileio import read_safetensors_header
     from sd_scripts_surge.models.io import _resolve_single_file_configs, detect_arch
 
-    header, metadata = read_safetensors_header(path)
-    shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+    header = read_safetensors_header(path)
+    shapes = {k: tuple(info.shape) for k, info in header.tensors.items()}
     arch = detect_arch(shapes)
-    return _resolve_single_file_configs(arch, shapes, metadata, None, path)
+    return _resolve_single_file_configs(arch, shapes, header.metadata, None, path)
 
 
 def meta_module(component: str, config: dict) -> nn.Module:
