@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(r)
     r.set_defaults(method=None)
     sub.add_parser("methods", help="list merge methods and their parameters").set_defaults(method=None)
+    i = sub.add_parser("inspect", help="per-block cosine / L2 / sign conflicts of a model set, heatmaps, outliers")
+    i.add_argument("models", nargs="+", help="two or more .safetensors models")
+    i.add_argument("--base", help="deltas against this model (default: against the mean of the models)")
+    i.add_argument("--json", dest="json_path", help="write the numbers here (models, blocks → cosine/l2 matrices)")
+    i.add_argument("--out", dest="out_dir", help="write heatmap PNGs and the 2-D model map into this folder")
+    i.add_argument("--no-progress", action="store_true", help="no progress bar")
+    i.set_defaults(method=None)
     return parser
 
 
@@ -132,6 +139,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             params = ", ".join(f"{k}={v}" for k, v in spec.params.items()) or "-"
             print(f"{spec.name:18s} {inputs:18s} {params}\n{'':18s} {spec.summary}")
+        return 0
+    if args.command == "inspect":
+        from merge_tools.diagnostics import run
+
+        try:
+            run(args.models, args.base, args.json_path, args.out_dir, progress=not args.no_progress)
+        except (CheckpointError, ValueError, OSError) as e:
+            print(f"sd-merge: error: {e}", file=sys.stderr)
+            return 2
         return 0
     try:
         recipe = _recipe_from_args(args)
