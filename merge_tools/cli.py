@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", dest="out_dir", help="write heatmap PNGs and the 2-D model map into this folder")
     i.add_argument("--no-progress", action="store_true", help="no progress bar")
     i.set_defaults(method=None)
+    b = sub.add_parser("blocks", help="architecture, the MBW block of every key, parameters per block and component")
+    b.add_argument("model", help="a .safetensors checkpoint (only its header is read)")
+    b.add_argument("--json", dest="json_path", help="write the key → block table and the counts here")
+    b.add_argument("--png", help="draw the parameters per block (network order) into this PNG")
+    b.set_defaults(method=None)
     return parser
 
 
@@ -139,6 +144,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             params = ", ".join(f"{k}={v}" for k, v in spec.params.items()) or "-"
             print(f"{spec.name:18s} {inputs:18s} {params}\n{'':18s} {spec.summary}")
+        return 0
+    if args.command == "blocks":
+        from merge_tools.block_map import run as blocks_run
+
+        try:
+            blocks_run(args.model, args.json_path, args.png)
+        except (CheckpointError, OSError) as e:
+            print(f"sd-merge: error: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "inspect":
         from merge_tools.diagnostics import run
