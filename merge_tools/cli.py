@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", dest="json_path", help="write the key → block table and the counts here")
     b.add_argument("--png", help="draw the parameters per block (network order) into this PNG")
     b.set_defaults(method=None)
+    e = sub.add_parser("prune-ema", help="drop a checkpoint's EMA weights (model_ema.*), or keep them as the model")
+    e.add_argument("model", help="a .safetensors checkpoint with model_ema.* tensors")
+    e.add_argument("-o", "--output", required=True, help="output .safetensors (never the input)")
+    e.add_argument("--keep", choices=["model", "ema"], default="model",
+                   help="model: drop the EMA tensors; ema: write the EMA weights as the UNet, then drop them")
+    e.set_defaults(method=None)
     return parser
 
 
@@ -144,6 +150,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             params = ", ".join(f"{k}={v}" for k, v in spec.params.items()) or "-"
             print(f"{spec.name:18s} {inputs:18s} {params}\n{'':18s} {spec.summary}")
+        return 0
+    if args.command == "prune-ema":
+        from merge_tools.ema import prune_ema
+
+        try:
+            summary = prune_ema(args.model, args.output, args.keep)
+        except (CheckpointError, ValueError, OSError) as e:
+            print(f"sd-merge: error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
         return 0
     if args.command == "blocks":
         from merge_tools.block_map import run as blocks_run
