@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--keep", choices=["model", "ema"], default="model",
                    help="model: drop the EMA tensors; ema: write the EMA weights as the UNet, then drop them")
     e.set_defaults(method=None)
+    s = sub.add_parser("swap", help="one checkpoint from components of several: --unet A --te B --te2 C --vae D")
+    s.add_argument("--unet", required=True, help="the UNet (and every key no other option replaces)")
+    s.add_argument("--te", help="text encoder (SDXL: the first, CLIP-L)")
+    s.add_argument("--te2", help="SDXL's second text encoder (OpenCLIP-G)")
+    s.add_argument("--vae", help="the VAE")
+    s.add_argument("-o", "--output", required=True, help="output .safetensors (never an input)")
+    s.set_defaults(method=None)
     return parser
 
 
@@ -150,6 +157,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             params = ", ".join(f"{k}={v}" for k, v in spec.params.items()) or "-"
             print(f"{spec.name:18s} {inputs:18s} {params}\n{'':18s} {spec.summary}")
+        return 0
+    if args.command == "swap":
+        from merge_tools.swap import swap
+
+        try:
+            sources = swap(args.unet, args.output, te=args.te, te2=args.te2, vae=args.vae)
+        except (CheckpointError, ValueError, OSError) as e:
+            print(f"sd-merge: error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.output}: " + ", ".join(f"{k} from {v}" for k, v in sources.items()))
         return 0
     if args.command == "prune-ema":
         from merge_tools.ema import prune_ema
