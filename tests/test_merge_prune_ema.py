@@ -79,8 +79,8 @@ def test_loader_says_when_it_skips_ema_weights(tmp_path: Path, caplog):
     from sd_scripts_surge.models.io import IGNORED_LDM_KEYS  # noqa: F401 - the loader's ignore rule
 
     source = tmp_path / "with_ema.safetensors"
-    save_file({"model_ema.decay": torch.tensor(0.9), "model.diffusion_model.out.2.weight": torch.zeros(1)},
-              str(source))
+    save_file({"model_ema.diffusion_modelout2weight": torch.zeros(1),
+               "model.diffusion_model.out.2.weight": torch.zeros(1)}, str(source))
     with caplog.at_level(logging.WARNING, logger=io.__name__), pytest.raises(Exception):  # noqa: B017
         io.load_single_file(source, arch="sd1")  # the tiny file is not a full model; the warning comes first
     assert "holds EMA weights (1 model_ema.* tensors)" in caplog.text and "prune-ema" in caplog.text

@@ -332,8 +332,19 @@ def test_unexpected_keys_warn(
     with caplog.at_level(logging.WARNING):
         loaded = io.load_model(extra)
     assert "1 unexpected key(s) ignored: model.diffusion_model.extra_head.weight" in caplog.text
-    assert "model_ema" not in caplog.text
+    assert "model_ema" not in caplog.text  # the EMA bookkeeping buffer alone is no EMA model
     assert_same_weights(bundle, loaded)
+
+    def add_ema(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        t["model_ema.diffusion_modelout2weight"] = t["model.diffusion_model.out.2.weight"].clone()
+        return t
+
+    with_ema = rewrite(path, tmp_path / "ema.safetensors", add_ema)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        io.load_model(with_ema)
+    assert "holds EMA weights (1 model_ema.* tensors)" in caplog.text  # said, not dropped silently
+    assert "unexpected key" not in caplog.text
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

@@ -462,7 +462,7 @@ def load_single_file(
     if not path.exists():
         raise CheckpointError(f"{path}: file not found")
     src = _TensorSource(path, allow_pickle)
-    ema = sum(k.startswith("model_ema.") for k in src.shapes)
+    ema = sum(k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates") for k in src.shapes)
     if ema:
         logger.warning("%s holds EMA weights (%d model_ema.* tensors); loading the non-EMA model. "
                        "`sd-merge prune-ema %s --keep ema -o OUT` makes the EMA weights the model", path, ema, path)
