@@ -83,7 +83,7 @@ IGNORED_PREFIXES = ("wandb_", "huggingface_", "metadata_", "dynamo_", "deepspeed
 
 SURGE_KEYS = ("shock_rate", "smooth_rate", "max_hops", "anchor_grasp", "pre_change_layers", "post_change_layers",
               "num_seeds", "probes", "flavor_resolution", "flavor_cache_dir", "replay_steps", "replay_units",
-              "replay_mode", "teacher", "target_draws", "cache_budget",
+              "replay_mode", "lerp_alpha", "teacher", "target_draws", "cache_budget",
               "replay_lr", "traj_weight", "w_task", "w_out", "feature_weight", "unit_map", "teachers", "controller",
               "random_lr", "keep_mean_lr", "lr_rule", "update_every_n_steps", "eval_every_n_steps",
               "target_teacher_mse")
@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="units with no anchor in reach: keep 1.0 (anchored, DESIGN) or their own measured ratio (measured)")
     a("--surge_update_every_n_steps", type=int, default=0,
       help="also re-measure the student on the probes and move the per-unit LRs every N steps (0: per epoch)")
+    a("--surge_lerp_alpha", type=float, default=0.0,
+      help="unit LERP θ ← θ + α(θ_T − θ) toward a same-architecture teacher (plain checkpoint, full fine-tune), "
+           "at every epoch start, each unit kept only if its downstream error does not grow (0: off)")
     a("--surge_teacher", type=str, default="live", choices=["live", "cached"],
       help="live: run the teacher every step; cached: its answers for K draws per image computed once, up front")
     a("--surge_target_draws", type=int, default=1,
@@ -373,6 +376,7 @@ class SurgeConfig:
     replay_steps: int = 50
     replay_units: int = 2
     replay_mode: str = "single"
+    lerp_alpha: float = 0.0
     teacher: str = "live"
     target_draws: int = 1
     cache_budget: str = "0"
@@ -907,6 +911,9 @@ def validate(c: TrainConfig, where: str) -> None:
     need(s.flavor_resolution >= 0, "surge_flavor_resolution", "must be ≥ 0 (0: full size)")
     need(s.replay_steps >= 0, "surge_replay_steps", "must be ≥ 0")
     need(s.replay_units >= 0, "surge_replay_units", "must be ≥ 0")
+    need(0.0 <= s.lerp_alpha <= 1.0, "surge_lerp_alpha", f"must be in [0, 1] (got {s.lerp_alpha})")
+    need(not s.lerp_alpha or not c.network_module, "surge_lerp_alpha",
+         "moves the student's own weights toward the teacher's: a full fine-tune, not a LoRA")
     need(s.teacher in ("live", "cached"), "surge_teacher", f"must be live or cached (got {s.teacher!r})")
     need(s.target_draws >= 1, "surge_target_draws", "must be ≥ 1")
     try:

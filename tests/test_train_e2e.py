@@ -224,3 +224,16 @@ def test_fused_backward_pass_trains_the_same_weights_as_the_unfused_path(tiny_ki
     assert all(torch.equal(plain[k], fused[k]) for k in plain)
     with pytest.raises(Exception, match="ADA_SURGE"):
         parse_train_args(["--fused_backward_pass", "--optimizer_type", "AdamW"])
+
+
+@pytest.mark.slow
+def test_unit_lerp_toward_a_same_architecture_teacher(tiny_kit, tmp_path: Path, capsys) -> None:  # noqa: F811
+    cfg = write_config(tmp_path / "cfg.toml", tiny_kit, tmp_path / "out", steps=2)
+    train(parse_train_args(["--config_file", str(cfg), "--surge_lerp_alpha", "0.5", "--surge_replay_units", "0"]))
+    assert "unit LERP α=0.5 toward the teacher: kept" in capsys.readouterr().out
+    history = json.loads((tmp_path / "out" / "report" / "history.json").read_text())
+    lerps = [r for r in history["epochs"][0]["replay"] if r["mode"] == "lerp"]
+    assert lerps and all((r["after"] <= r["before"]) == r["accepted"] for r in lerps)
+    assert any(r["accepted"] for r in lerps)  # halfway toward the teacher helps some unit
+    with pytest.raises(Exception, match="full fine-tune"):
+        parse_train_args(["--surge_lerp_alpha", "0.5", "--network_module", "networks.lora"])

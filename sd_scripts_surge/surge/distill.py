@@ -31,7 +31,7 @@ from sd_scripts_surge.surge.losses import (
     trajectory_loss,
 )
 from sd_scripts_surge.surge.probes import ProbeSet
-from sd_scripts_surge.surge.replay import ReplayResult, replay_all_units, replay_unit
+from sd_scripts_surge.surge.replay import ReplayResult, lerp_unit, replay_all_units, replay_unit
 from sd_scripts_surge.surge.targets import Pairs, TeacherTargets
 from sd_scripts_surge.surge.units import UnitMap
 
@@ -238,12 +238,15 @@ def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, 
                        post_change_layers: int, rank: int = 0, world_size: int = 1,
                        replay_params: Callable[[str], list[tuple[str, nn.Parameter]] | None] | None = None,
                        controller_mode: str = "surge", random_seed: int = 0, replay_mode: str = "single",
+                       lerp_teacher: nn.Module | None = None, lerp_alpha: float = 0.0,
                        log: Callable[[str], None] = print) -> SurgeUpdate:
     """DESIGN §3 B–E for one epoch. Every rank calls it; statistics are all-reduced so all ranks agree.
 
     replay_mode: "single" (DESIGN §3 E: the `replay_units` worst high-difference units, one at a time) or "all"
     (DESIGN §3 H: every unit with a difference, teacher-forced, in one batched replay; `replay_units` > 0 turns
-    it on). controller_mode: "surge" (DESIGN §3 D), "random" (ablation: log-uniform multipliers in
+    it on). `lerp_teacher` (a same-architecture teacher UNet) and `lerp_alpha` > 0: every unit with a
+    difference is LERPed toward it after replay (DESIGN §3 E), each kept only by the same downstream test.
+    controller_mode: "surge" (DESIGN §3 D), "random" (ablation: log-uniform multipliers in
     [1/shock_rate, shock_rate] drawn from `random_seed`) or "off" (every multiplier stays 1).
     Replay changes weights: every rank runs it on the same cached flavors, then the caller broadcasts the
     student's weights from rank 0 (see train.py) so tiny numerical differences cannot split the replicas.
@@ -288,4 +291,12 @@ def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, 
             update.replay.append(result)
             log(f"replay {unit}: window error {result.before:.4g} -> {result.after:.4g} "
                 f"({'kept' if result.accepted else 'rolled back'})")
+    if lerp_teacher is not None and lerp_alpha > 0:
+        flavors = [store.load(i) for i in range(len(store))]
+        for unit in (u for u in unit_map.names if unit_map[u].kind != "embed" and table[u]["d"] > 0):
+            update.replay.append(lerp_unit(student, lerp_teacher, unit_map, unit, flavors, lerp_alpha,
+                                           pre_change_layers, post_change_layers))
+        kept = sum(r.accepted for r in update.replay if r.mode == "lerp")
+        log(f"unit LERP α={lerp_alpha:g} toward the teacher: kept {kept} of "
+            f"{sum(r.mode == 'lerp' for r in update.replay)} units")
     return update

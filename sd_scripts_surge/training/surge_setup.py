@@ -62,6 +62,7 @@ class SurgeSetup:
     teacher_map: UnitMap  # the student's units located in the teacher (differs for a depth-pruned student)
 
     eval_teacher: list[torch.Tensor] | None = None  # the teacher on the eval probe batches (cached teacher)
+    lerp_teacher: nn.Module | None = None  # a same-architecture teacher UNet for unit LERP (--surge_lerp_alpha)
 
     def teacher_call(self, unet_kwargs: dict) -> torch.Tensor:
         return self.teacher.unet_forward(unet_kwargs["sample"], unet_kwargs["timestep"],
@@ -114,8 +115,27 @@ def build_surge(cfg: TrainConfig, sources: Sources, student: ModelBundle, unit_m
         replay_units = 0
     scales = scales_from_flavors(store, trajectory_units(unit_map))
     rules = ZoneRules()
-    return SurgeSetup(teacher, teacher_module, probes, eval_probes, store, options, rules, replay_units,
-                      cfg.surge.replay_lr or (cfg.learning_rate * 0.1), cfg.surge.replay_mode, scales, teacher_map)
+    lerp_teacher = None
+    if cfg.surge.lerp_alpha:
+        lerp_teacher = lerp_target(teacher, student.unet)
+    setup = SurgeSetup(teacher, teacher_module, probes, eval_probes, store, options, rules, replay_units,
+                       cfg.surge.replay_lr or (cfg.learning_rate * 0.1), cfg.surge.replay_mode, scales, teacher_map)
+    setup.lerp_teacher = lerp_teacher
+    return setup
+
+
+def lerp_target(teacher: Teacher, student_unet: nn.Module) -> nn.Module:
+    """The teacher UNet unit LERP moves toward: one plain checkpoint of the student's architecture (a LoRA
+    hooked into it is not in its weights, so LERP toward those weights would miss the LoRA)."""
+    if teacher.mode != "single" or teacher.experts[0].networks:
+        raise ConfigError("surge_lerp_alpha needs one teacher checkpoint without hooked LoRAs (the LoRA is not "
+                          "in the teacher's weights); set it to 0 for this teacher")
+    theirs = {n: p.shape for n, p in teacher.unet.named_parameters()}
+    ours = {n: p.shape for n, p in student_unet.named_parameters()}
+    if theirs != ours:
+        raise ConfigError("surge_lerp_alpha needs a teacher of the student's architecture (same parameters and "
+                          "shapes); a pruned student cannot LERP toward its teacher")
+    return teacher.unet
 
 
 def build_loss(cfg: TrainConfig, unit_map: UnitMap, alphas_cumprod: torch.Tensor,
