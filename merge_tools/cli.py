@@ -144,6 +144,36 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
     return single_method(spec.name, inputs, params)
 
 
+def _swap(args: argparse.Namespace) -> None:
+    from merge_tools.swap import swap
+
+    sources = swap(args.unet, args.output, te=args.te, te2=args.te2, vae=args.vae)
+    print(f"wrote {args.output}: " + ", ".join(f"{k} from {v}" for k, v in sources.items()))
+
+
+def _prune_ema(args: argparse.Namespace) -> None:
+    from merge_tools.ema import prune_ema
+
+    summary = prune_ema(args.model, args.output, args.keep)
+    print(f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+
+
+def _blocks(args: argparse.Namespace) -> None:
+    from merge_tools.block_map import run
+
+    run(args.model, args.json_path, args.png)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from merge_tools.diagnostics import run
+
+    run(args.models, args.base, args.json_path, args.out_dir, progress=not args.no_progress)
+
+
+# model utilities beside the merge methods: subcommand → what runs it (errors are reported by main)
+UTILITIES = {"swap": _swap, "prune-ema": _prune_ema, "blocks": _blocks, "inspect": _inspect}
+
+
 def _sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # lets the engine flush its journal, so --resume can continue
 
@@ -158,40 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             params = ", ".join(f"{k}={v}" for k, v in spec.params.items()) or "-"
             print(f"{spec.name:18s} {inputs:18s} {params}\n{'':18s} {spec.summary}")
         return 0
-    if args.command == "swap":
-        from merge_tools.swap import swap
-
+    if args.command in UTILITIES:
         try:
-            sources = swap(args.unet, args.output, te=args.te, te2=args.te2, vae=args.vae)
-        except (CheckpointError, ValueError, OSError) as e:
-            print(f"sd-merge: error: {e}", file=sys.stderr)
-            return 2
-        print(f"wrote {args.output}: " + ", ".join(f"{k} from {v}" for k, v in sources.items()))
-        return 0
-    if args.command == "prune-ema":
-        from merge_tools.ema import prune_ema
-
-        try:
-            summary = prune_ema(args.model, args.output, args.keep)
-        except (CheckpointError, ValueError, OSError) as e:
-            print(f"sd-merge: error: {e}", file=sys.stderr)
-            return 2
-        print(f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
-        return 0
-    if args.command == "blocks":
-        from merge_tools.block_map import run as blocks_run
-
-        try:
-            blocks_run(args.model, args.json_path, args.png)
-        except (CheckpointError, OSError) as e:
-            print(f"sd-merge: error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "inspect":
-        from merge_tools.diagnostics import run
-
-        try:
-            run(args.models, args.base, args.json_path, args.out_dir, progress=not args.no_progress)
+            UTILITIES[args.command](args)
         except (CheckpointError, ValueError, OSError) as e:
             print(f"sd-merge: error: {e}", file=sys.stderr)
             return 2

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from merge_tools.io import OutputEntry, SafetensorsWriter, TensorReader, finalize, side_paths
+from merge_tools.io import TensorReader, copy_tensors
 from sd_scripts_surge.models.fileio import CheckpointError
 
 UNET = "model.diffusion_model."
-CHUNK = 1 << 24  # elements per read
 
 
 def ema_name(key: str) -> str:
@@ -53,24 +52,8 @@ def prune_ema(model: str | Path, output: str | Path, keep: str = "model") -> dic
                         missing += 1
             if not swapped:
                 raise CheckpointError(f"{model}: its model_ema.* tensors match none of the UNet keys")
-        entries = [OutputEntry(k, tensors[source[k]].dtype, tuple(tensors[k].shape)) for k in kept]
         metadata = dict(reader.header.metadata) | {"sd_merge_prune_ema": keep}
-        partial, _ = side_paths(output)
-        writer = SafetensorsWriter(partial, entries, metadata)
-        try:
-            for k in kept:
-                info = tensors[source[k]]
-                for start in range(0, max(1, info.numel), CHUNK):
-                    stop = min(info.numel, start + CHUNK)
-                    if stop > start:
-                        writer.write(k, start, reader.read(source[k], start, stop))
-            writer.sync()
-        finally:
-            writer.close()
-        finalize(partial, output)
-    except BaseException:
-        side_paths(output)[0].unlink(missing_ok=True)
-        raise
+        copy_tensors(output, {k: (reader, source[k]) for k in kept}, metadata)
     finally:
         reader.close()
     return {"kept": len(kept), "dropped_ema": len(ema_keys), "swapped": swapped, "unet_without_ema": missing}

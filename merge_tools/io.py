@@ -233,3 +233,26 @@ def finalize(partial: Path, output: Path) -> None:
 def side_paths(output: Path) -> tuple[Path, Path]:
     """(partial file, journal) paths beside the output."""
     return output.with_name(f".{output.name}.partial"), output.with_name(f".{output.name}.journal")
+
+
+def copy_tensors(output: Path, plan: dict[str, tuple[TensorReader, str]], metadata: dict[str, str],
+                 chunk_elements: int = 1 << 24) -> None:
+    """Write `output` as the tensors `plan` names ({output key: (reader, source key)}), streamed chunk by chunk in
+    their stored dtype, to a temp file that is fsynced and renamed; nothing is left behind on failure."""
+    entries = [OutputEntry(k, r.header.tensors[src].dtype, tuple(r.header.tensors[src].shape))
+               for k, (r, src) in plan.items()]
+    partial, _ = side_paths(output)
+    try:
+        writer = SafetensorsWriter(partial, entries, metadata)
+        try:
+            for key, (reader, src) in plan.items():
+                numel = reader.header.tensors[src].numel
+                for start in range(0, numel, chunk_elements):
+                    writer.write(key, start, reader.read(src, start, min(numel, start + chunk_elements)))
+            writer.sync()
+        finally:
+            writer.close()
+        finalize(partial, output)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

@@ -16,10 +16,9 @@ from pathlib import Path
 
 from merge_tools.block_map import component_of
 from merge_tools.blocks import detect_architecture
-from merge_tools.io import OutputEntry, SafetensorsWriter, TensorReader, finalize, side_paths
+from merge_tools.io import TensorReader, copy_tensors
 from sd_scripts_surge.models.fileio import CheckpointError
 
-CHUNK = 1 << 24
 ROLES = {"te": ("text_encoder_1", "text_encoder"), "te2": ("text_encoder_2",), "vae": ("vae",)}
 
 
@@ -61,24 +60,9 @@ def swap(unet: str | Path, output: str | Path, te: str | Path | None = None, te2
             for k in ours - set(theirs):
                 del chosen[k]  # the UNet file's own copy of this component is replaced as a whole
             chosen.update({k: role for k in theirs})
-        tensors = {k: readers[role].header.tensors[k] for k, role in chosen.items()}
-        entries = [OutputEntry(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
         metadata = dict(readers["unet"].header.metadata) | {
             f"sd_merge_swap_{role}": str(path) for role, path in sources.items()}
-        partial, _ = side_paths(output)
-        writer = SafetensorsWriter(partial, entries, metadata)
-        try:
-            for k, role in chosen.items():
-                numel = tensors[k].numel
-                for start in range(0, numel, CHUNK):
-                    writer.write(k, start, readers[role].read(k, start, min(numel, start + CHUNK)))
-            writer.sync()
-        finally:
-            writer.close()
-        finalize(partial, output)
-    except BaseException:
-        side_paths(output)[0].unlink(missing_ok=True)
-        raise
+        copy_tensors(output, {k: (readers[role], k) for k, role in chosen.items()}, metadata)
     finally:
         for r in readers.values():
             r.close()
