@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from accelerate import Accelerator
 
+from library.surge_optimizer import AdaSurge
 from sd_scripts_surge.config import ConfigError, TrainConfig
 from sd_scripts_surge.training.state import TrainProgress
 
@@ -62,10 +63,8 @@ def lr_logs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 
 
-def fused_backward(cfg: TrainConfig, optimizer: torch.optim.Optimizer, trainable, accelerator: Accelerator):  # noqa: ANN001, ANN201
+def fused_backward(cfg: TrainConfig, optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> AdaSurge:
     """Hook ADA_SURGE's fused backward pass (`--fused_backward_pass`); returns the AdaSurge to open each step."""
-    from library.surge_optimizer import AdaSurge
-
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
     if not isinstance(inner, AdaSurge):
         raise ConfigError(f"--fused_backward_pass needs ADA_SURGE (the optimizer is {type(inner).__name__})")

@@ -107,7 +107,7 @@ def train(cfg: TrainConfig) -> Path:
         trainable.module, optimizer, scheduler = accelerator.prepare(trainable.module, optimizer, scheduler)
         unet = student.unet.to(accelerator.device)
     student_module = accelerator.unwrap_model(unet)
-    fused = optimization.fused_backward(cfg, optimizer, trainable, accelerator) if cfg.fused_backward_pass else None
+    fused = optimization.fused_backward(cfg, optimizer, accelerator) if cfg.fused_backward_pass else None
     synced = unet if trainable.network is None else trainable.module  # what DDP wraps
     progress = TrainProgress(seed=cfg.seed)
     for obj in (progress, data.sampler, controller):
