@@ -19,9 +19,8 @@ from typing import Any
 
 from merge_tools import methods
 from merge_tools.engine import MergeOptions, merge
-from merge_tools.io import parse_size
 from merge_tools.recipe import Recipe, RecipeError, load_recipe, single_method
-from sd_scripts_surge.models.fileio import CheckpointError
+from sd_scripts_surge.models.fileio import CheckpointError, parse_size
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,18 +24,6 @@ import torch
 from sd_scripts_surge.models.fileio import SAFETENSORS_DTYPES, SafetensorsHeader, read_safetensors_header
 
 TORCH_TO_ST = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str | int) -> int:
-    """'4GB', '3.5G', '512MiB', '2048' (bytes) -> bytes (powers of 1024)."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE_RE.match(str(text))
-    if not m:
-        raise ValueError(f"cannot read size {text!r}; write e.g. 4GB, 512MB or a number of bytes")
-    value, unit = float(m.group(1)), m.group(2).lower()
-    return int(value * 1024 ** " kmgt".index(unit or " "))
 
 
 def format_size(n: float) -> str:

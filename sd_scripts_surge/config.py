@@ -25,6 +25,7 @@ from typing import Any
 
 import toml
 
+from sd_scripts_surge.models.fileio import parse_size
 from sd_scripts_surge.surge.controller import LR_RULES
 from sd_scripts_surge.training.sampling import SAMPLERS
 
@@ -730,22 +731,6 @@ def parse_resolution(value: Any, where: str) -> tuple[int, int]:
     if len(numbers) != 2 or min(numbers) <= 0:
         raise ConfigError(f"{where}: resolution must be N, \"W,H\" or [W, H] with positive sizes, got {value!r}")
     return numbers[0], numbers[1]
-
-
-def parse_size(value: str | int | float) -> int:
-    """Bytes from "8GB", "512MB", "1.5GiB", "2048" (bytes) or 0; decimal and binary units both mean powers of 1024,
-    as kohya users write them."""
-    text = str(value).strip().upper().replace("IB", "B")
-    units = {"TB": 2**40, "GB": 2**30, "MB": 2**20, "KB": 2**10, "B": 1}
-    suffix = next((s for s in units if text.endswith(s)), "")
-    number, factor = (text[: -len(suffix)].strip(), units[suffix]) if suffix else (text, 1)
-    try:
-        size = float(number) * factor
-    except ValueError:
-        raise ValueError(f"must be a size like 8GB or 512MB (got {value!r})") from None
-    if size < 0 or size != size:
-        raise ValueError(f"must be ≥ 0 (got {value!r})")
-    return int(size)
 
 
 def xformers_available() -> bool:

@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from merge_tools import engine, methods
 from merge_tools.engine import MergeOptions, merge
-from merge_tools.io import file_fingerprint, parse_size
+from merge_tools.io import file_fingerprint
 from merge_tools.recipe import single_method
-from sd_scripts_surge.models.fileio import CheckpointError
+from sd_scripts_surge.models.fileio import CheckpointError, parse_size
 
 SHAPES = {"w.weight": (64, 200), "conv.weight": (16, 8, 3, 3), "v.bias": (9000,), "scalar": ()}
 REPO = Path(__file__).resolve().parents[1]

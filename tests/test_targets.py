@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from sd_scripts_surge.config import parse_size
+from sd_scripts_surge.models.fileio import parse_size
 from sd_scripts_surge.surge.distill import DistillLoss, LossWeights, noised_batch, trajectory_units
 from sd_scripts_surge.surge.losses import scaled_linear_alphas_cumprod
 from sd_scripts_surge.surge.targets import TargetCache, draw_noise

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -38,6 +39,19 @@ SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
 }
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int | float) -> int:
+    """'4GB', '3.5G', '512MiB', '2048' (bytes) -> bytes; decimal and binary units both mean powers of 1024, as
+    kohya users write them (merge --memory-budget, --surge_cache_budget, --estimate_device)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"cannot read size {text!r}; write a size like 4GB, 512MB or a number of bytes")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    return int(value * 1024 ** " kmgt".index(unit or " "))
 
 
 class CheckpointError(ValueError):

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sd_scripts_surge.config import TrainConfig, parse_size
+from sd_scripts_surge.config import TrainConfig
 from sd_scripts_surge.models import configs as model_configs
 
 GIB = 2**30
@@ -267,8 +267,3 @@ def meta_inputs(unet: nn.Module, batch: int, height: int, width: int) -> dict:
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled, device=dev),
                                        "time_ids": torch.empty(batch, 6, device=dev)}
     return kwargs
-
-
-def device_bytes(text: str) -> int:
-    """`--estimate_device 24GB` → bytes (0 when not given)."""
-    return parse_size(text or "0")

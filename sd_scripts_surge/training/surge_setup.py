@@ -11,10 +11,11 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from sd_scripts_surge.config import ConfigError, TrainConfig, parse_size
+from sd_scripts_surge.config import ConfigError, TrainConfig
 from sd_scripts_surge.data import TrainData
 from sd_scripts_surge.data.captions import caption_varies
 from sd_scripts_surge.models.bundle import ModelBundle
+from sd_scripts_surge.models.fileio import parse_size
 from sd_scripts_surge.surge.anchors import ZoneRules
 from sd_scripts_surge.surge.capture import CaptureOptions
 from sd_scripts_surge.surge.controller import ControllerConfig, UnitLRController

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from sd_scripts_surge.config import ConfigError, TrainConfig, flag_notes, parse_train_args
 from sd_scripts_surge.data import DataError
 from sd_scripts_surge.data.dataset import load_datasets
+from sd_scripts_surge.models.fileio import parse_size
 from sd_scripts_surge.surge.distill import noise_batch, noised_batch, surge_epoch_update
 from sd_scripts_surge.surge.losses import prior_loss_weights
 from sd_scripts_surge.training import (
@@ -36,7 +37,7 @@ from sd_scripts_surge.training import (
     surge_setup,
     trainables,
 )
-from sd_scripts_surge.training.estimate import MemoryPlan, device_bytes, estimate
+from sd_scripts_surge.training.estimate import MemoryPlan, estimate
 from sd_scripts_surge.training.report import EpochRecord, write_report
 from sd_scripts_surge.training.state import PROGRESS_MARKER, TrainProgress, find_resume_dir
 
@@ -254,7 +255,7 @@ def memory_plan(cfg: TrainConfig, sources: inputs.Sources, log) -> MemoryPlan | 
             raise
         log(f"memory estimate unavailable: {e}")
         return None
-    device = device_bytes(cfg.estimate_device)
+    device = parse_size(cfg.estimate_device or 0)
     log("memory plan (estimate):\n" + plan.table(device))
     if device and plan.fits(device) == "does NOT fit" and not cfg.estimate:
         raise ConfigError(f"the estimated {plan.total() / 2**30:.1f} GiB (+ overhead) do not fit "
