@@ -267,20 +267,23 @@ def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, 
     else:
         raise ValueError(f"controller_mode must be surge, random or off (got {controller_mode!r})")
     update = SurgeUpdate(table, zones, targets)
-    if replay_mode == "all" and replay_units > 0 and replay_steps > 0:
-        units = [u for u in unit_map.names if unit_map[u].kind != "embed" and table[u]["d"] > 0]
-        update.replay = replay_all_units(student, unit_map, units, [store.load(i) for i in range(len(store))],
-                                         replay_steps=replay_steps, lr=replay_lr,
-                                         post_change_layers=post_change_layers, params_of=replay_params)
+    replaying = replay_units > 0 and replay_steps > 0
+    lerping = lerp_teacher is not None and lerp_alpha > 0
+    if not (replaying or lerping):
+        return update
+    flavors = [store.load(i) for i in range(len(store))]  # read once for replay and LERP
+    differing = [u for u in unit_map.names if unit_map[u].kind != "embed" and table[u]["d"] > 0]
+    if replaying and replay_mode == "all":
+        update.replay = replay_all_units(student, unit_map, differing, flavors, replay_steps=replay_steps,
+                                         lr=replay_lr, post_change_layers=post_change_layers, params_of=replay_params)
         kept = [r.unit for r in update.replay if r.accepted]
         log(f"replay (all units, {replay_steps} steps): kept {len(kept)}/{len(update.replay)}; window error "
             f"{sum(r.before for r in update.replay):.4g} -> {sum(r.after for r in update.replay):.4g} (sum)")
-    elif replay_units > 0 and replay_steps > 0:
+    elif replaying:
         candidates = sorted(
             (u for u in zones.high_difference if unit_map[u].kind != "embed"),
             key=lambda u: -table[u]["d"],
         )[:replay_units]
-        flavors = [store.load(i) for i in range(len(store))]
         for unit in candidates:
             params = replay_params(unit) if replay_params is not None else None
             if params is not None and not params:
@@ -291,12 +294,10 @@ def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, 
             update.replay.append(result)
             log(f"replay {unit}: window error {result.before:.4g} -> {result.after:.4g} "
                 f"({'kept' if result.accepted else 'rolled back'})")
-    if lerp_teacher is not None and lerp_alpha > 0:
-        flavors = [store.load(i) for i in range(len(store))]
-        for unit in (u for u in unit_map.names if unit_map[u].kind != "embed" and table[u]["d"] > 0):
-            update.replay.append(lerp_unit(student, lerp_teacher, unit_map, unit, flavors, lerp_alpha,
-                                           pre_change_layers, post_change_layers))
-        kept = sum(r.accepted for r in update.replay if r.mode == "lerp")
-        log(f"unit LERP α={lerp_alpha:g} toward the teacher: kept {kept} of "
-            f"{sum(r.mode == 'lerp' for r in update.replay)} units")
+    if lerping:
+        lerps = [lerp_unit(student, lerp_teacher, unit_map, unit, flavors, lerp_alpha, pre_change_layers,
+                           post_change_layers) for unit in differing]
+        update.replay += lerps
+        log(f"unit LERP α={lerp_alpha:g} toward the teacher: kept {sum(r.accepted for r in lerps)} of "
+            f"{len(lerps)} units")
     return update
