@@ -17,8 +17,9 @@ Unknown architectures have no block map: they merge per key, and MBW weights are
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +163,129 @@ def block_of(key: str, arch: Architecture) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------------ MBW presets (supermerger)
+
+
+def _smoothstep(x: float) -> float:
+    return x * x * (3.0 - 2.0 * x)
+
+
+def _triangle(y: float) -> float:
+    """0→1→0→1… with period 2: the fold supermerger's SMOOTHSTEP*k and /k presets use."""
+    r = math.fmod(y, 2.0)
+    return r if r <= 1.0 else 2.0 - r
+
+
+def _shape_presets() -> dict[str, Callable[[float], float]]:
+    out: dict[str, Callable[[float], float]] = {
+        "GRAD_V": lambda x: abs(2.0 * x - 1.0),
+        "GRAD_A": lambda x: 1.0 - abs(2.0 * x - 1.0),
+        "FLAT_25": lambda x: 0.25,
+        "FLAT_75": lambda x: 0.75,
+        "SMOOTHSTEP": _smoothstep,
+        "REVERSE-SMOOTHSTEP": lambda x: 1.0 - _smoothstep(x),
+        "COSINE": lambda x: (1.0 + math.cos(math.pi * x)) / 2.0,
+        "REVERSE_COSINE": lambda x: (1.0 - math.cos(math.pi * x)) / 2.0,
+    }
+    for k in (2, 3, 4):
+        out[f"SMOOTHSTEP*{k}"] = lambda x, k=k: _triangle(k * _smoothstep(x))
+        out[f"R_SMOOTHSTEP*{k}"] = lambda x, k=k: 1.0 - _triangle(k * _smoothstep(x))
+        out[f"SMOOTHSTEP/{k}"] = lambda x, k=k: _smoothstep(_triangle(k * x))
+        out[f"R_SMOOTHSTEP/{k}"] = lambda x, k=k: 1.0 - _smoothstep(_triangle(k * x))
+    return out
+
+
+_SHAPES = _shape_presets()
+# count presets: (leading blocks, trailing blocks) set to 1, plus an optional 0.5 before the trailing run
+_COUNTS = {"WRAP08": (4, 4, False), "WRAP12": (6, 6, False), "WRAP14": (7, 7, False), "WRAP16": (8, 8, False),
+           "OUT07": (0, 7, False), "OUT12": (0, 12, False), "OUT12_5": (0, 12, True)}
+PRESETS: tuple[str, ...] = ("ALL_A", "ALL_B", *_SHAPES, *_COUNTS)
+
+
+def preset_weights(name: str, n_blocks: int) -> list[float]:
+    """supermerger's MBW preset `name` for an architecture with `n_blocks` blocks (BASE first).
+
+    Shape presets are functions of the position x = j/(m−1) of the j-th of the m non-BASE blocks (IN00 …
+    last OUT), so SD1's 26-block values equal supermerger's table and SDXL gets the same curve on 19
+    points; BASE is 0 (ALL_B: 1). Count presets set the first/last n non-BASE blocks to 1.
+    """
+    key = name.upper()
+    m = n_blocks - 1
+    if key == "ALL_A":
+        return [0.0] * n_blocks
+    if key == "ALL_B":
+        return [1.0] * n_blocks
+    if key in _SHAPES:
+        f = _SHAPES[key]
+        return [0.0] + [f(j / (m - 1)) if m > 1 else f(0.0) for j in range(m)]
+    if key in _COUNTS:
+        lead, trail, half = _COUNTS[key]
+        values = [0.0] * m
+        for j in range(min(lead, m)):
+            values[j] = 1.0
+        for j in range(max(m - trail, 0), m):
+            values[j] = 1.0
+        if half and m - trail - 1 >= 0:
+            values[m - trail - 1] = 0.5
+        return [0.0] + values
+    raise ValueError(f"unknown MBW preset {name!r}; presets: {', '.join(PRESETS)}")
+
+
+# ------------------------------------------------------------------------- elemental merge (supermerger)
+
+
+@dataclass(frozen=True)
+class ElementalRule:
+    blocks: tuple[str, ...]  # empty: every block
+    elements: tuple[str, ...]  # substrings of the key; empty: every key
+    value: float
+    not_blocks: bool = False
+    not_elements: bool = False
+
+    def matches(self, block: str | None, key: str) -> bool:
+        in_blocks = not self.blocks or block in self.blocks
+        in_elements = not self.elements or any(e in key for e in self.elements)
+        return (in_blocks != self.not_blocks) and (in_elements != self.not_elements)
+
+
+def parse_elemental(text: str, arch: Architecture) -> tuple[ElementalRule, ...]:
+    """supermerger's elemental syntax: 'BLOCKS:ELEMENTS:RATIO' rules split by commas or new lines.
+
+    BLOCKS and ELEMENTS are space-separated lists (blank: all), either may start with NOT to invert it;
+    elements match as substrings of the key. Rules are applied in order, so a later rule wins.
+    """
+    rules = []
+    for raw in text.splitlines():
+        for part in raw.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            fields = part.split(":")
+            if len(fields) != 3:
+                raise ValueError(f"elemental rule {part!r}: expected BLOCKS:ELEMENTS:RATIO")
+            blocks, elements = fields[0].split(), fields[1].split()
+            not_b = bool(blocks) and blocks[0].upper() == "NOT"
+            not_e = bool(elements) and elements[0].upper() == "NOT"
+            blocks = [b.upper() for b in blocks[1:]] if not_b else [b.upper() for b in blocks]
+            elements = elements[1:] if not_e else elements
+            unknown = [b for b in blocks if b not in arch.blocks]
+            if unknown:
+                raise ValueError(f"elemental rule {part!r}: unknown block(s) {unknown} for {arch.name}")
+            try:
+                value = float(fields[2])
+            except ValueError:
+                raise ValueError(f"elemental rule {part!r}: {fields[2]!r} is not a number") from None
+            rules.append(ElementalRule(tuple(blocks), tuple(elements), value, not_b, not_e))
+    return tuple(rules)
+
+
+def elemental_value(rules: Sequence[ElementalRule], block: str | None, key: str, value: float) -> float:
+    for rule in rules:
+        if rule.matches(block, key):
+            value = rule.value
+    return value
+
+
 @dataclass(frozen=True)
 class BlockWeights:
     """A parameter value per MBW block: from a list in block order, or a {block: value} table."""
@@ -177,7 +301,20 @@ class BlockWeights:
                 "these inputs were not recognised, so merge with a single value instead"
             )
         if isinstance(spec, str):
-            spec = [float(v) for v in spec.replace(" ", "").split(",") if v]
+            if "," in spec:
+                spec = [float(v) for v in spec.replace(" ", "").split(",") if v]
+            else:
+                spec = preset_weights(spec.strip(), len(arch.blocks))
+        if isinstance(spec, Mapping) and "default" in spec:
+            inner = spec["default"]
+            rest = {b: v for b, v in spec.items() if b != "default"}
+            if isinstance(inner, (int, float)):
+                default, spec = float(inner), rest
+            else:
+                base = BlockWeights.parse(inner, arch, param)
+                merged = dict(base.values)
+                merged.update({b: float(v) for b, v in rest.items()})
+                spec = merged
         if isinstance(spec, Mapping):
             unknown = sorted(set(spec) - set(arch.blocks))
             if unknown:

@@ -67,26 +67,32 @@ def _add_method(sub: Any, spec: methods.MethodSpec) -> None:
     else:
         p.add_argument("models", nargs="+", help="models to merge")
     group = p.add_argument_group("method parameters")
-    for name, default in spec.params.items():
+    for name, param in spec.params.items():
         dest = f"param_{name}"
-        if isinstance(default, bool):
-            group.add_argument(*_param_flag(name), dest=dest, action="store_true", default=None)
-        elif name == "weights":
+        text = (param.help + "; " if param.help else "") + f"default {param.default}"
+        text = (text + f", range {param.range_text}" if param.range_text else text).replace("%", "%%")
+        if param.kind == "bool":
+            group.add_argument(*_param_flag(name), dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
+        elif param.kind == "floats":
             group.add_argument(
-                *_param_flag(name),
-                dest=dest,
-                default=None,
-                type=lambda s: [float(v) for v in s.split(",")],
-                help="comma-separated weights",
+                *_param_flag(name), dest=dest, default=None, type=lambda s: [float(v) for v in s.split(",")], help=text
             )
         else:
-            kind = int if isinstance(default, int) else float
-            group.add_argument(*_param_flag(name), dest=dest, type=kind, default=None, help=f"default {default}")
+            kind = int if param.kind == "int" else float
+            group.add_argument(*_param_flag(name), dest=dest, type=kind, default=None, help=text)
     if spec.strength:
         group.add_argument(
             "--mbw",
             default=None,
-            help=f"block weights for {spec.strength!r}: comma list in block order (SD1 26, SDXL 20)",
+            help=f"block weights for {spec.strength!r}: a comma list in block order (SD1 26, SDXL 20) or a "
+            "supermerger preset name (GRAD_V, FLAT_25, SMOOTHSTEP, COSINE, WRAP08, … see `sd-merge presets`)",
+        )
+        group.add_argument(
+            "--elemental",
+            default=None,
+            help=f"per-key overrides of {spec.strength!r}, supermerger syntax: 'BLOCKS:ELEMENTS:VALUE, …' "
+            "(e.g. 'OUT03 OUT04:attn2:0.5'; NOT inverts; later rules win)",
         )
     _add_common(p)
     p.set_defaults(method=spec.name)
@@ -104,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(r)
     r.set_defaults(method=None)
     sub.add_parser("methods", help="list merge methods and their parameters").set_defaults(method=None)
+    sub.add_parser("presets", help="list the MBW presets (supermerger names) with their weights").set_defaults(
+        method=None
+    )
     i = sub.add_parser("inspect", help="per-block cosine / L2 / sign conflicts of a model set, heatmaps, outliers")
     i.add_argument("models", nargs="+", help="two or more .safetensors models")
     i.add_argument("--base", help="deltas against this model (default: against the mean of the models)")
@@ -137,8 +146,13 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
         return load_recipe(args.recipe)
     spec = methods.get(args.method)
     params = {k[len("param_") :]: v for k, v in vars(args).items() if k.startswith("param_") and v is not None}
-    if getattr(args, "mbw", None):
-        params[spec.strength] = [float(v) for v in args.mbw.split(",")]
+    if getattr(args, "mbw", None) or getattr(args, "elemental", None):
+        value: Any = params.get(spec.strength, spec.params[spec.strength].default)
+        if args.mbw:
+            value = args.mbw if "," not in args.mbw else [float(v) for v in args.mbw.split(",")]
+        if args.elemental:
+            value = {"default": value, "elemental": args.elemental}
+        params[spec.strength] = value
     inputs = ([args.base] if spec.inputs == "base+models" else []) + list(args.models)
     return single_method(spec.name, inputs, params)
 
@@ -184,8 +198,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             inputs = {"models": "models…", "base+models": "--base B models…"}.get(
                 str(spec.inputs), f"{spec.inputs} models"
             )
-            params = ", ".join(f"{k}={v}" for k, v in spec.params.items()) or "-"
+            params = ", ".join(f"{k}={v.default}" for k, v in spec.params.items()) or "-"
             print(f"{spec.name:18s} {inputs:18s} {params}\n{'':18s} {spec.summary}")
+        return 0
+    if args.command == "presets":
+        from merge_tools.blocks import PRESETS, SD1_BLOCKS, SDXL_BLOCKS, preset_weights
+
+        for name in PRESETS:
+            for arch_name, blocks in (("sd1", SD1_BLOCKS), ("sdxl", SDXL_BLOCKS)):
+                values = preset_weights(name, len(blocks))
+                print(f"{name:22s} {arch_name:5s} " + ",".join(f"{v:.4g}" for v in values))
         return 0
     if args.command in UTILITIES:
         try:

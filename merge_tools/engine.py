@@ -34,7 +34,15 @@ import torch
 from tqdm import tqdm
 
 from merge_tools import methods
-from merge_tools.blocks import Architecture, BlockWeights, block_of, detect_architecture
+from merge_tools.blocks import (
+    Architecture,
+    BlockWeights,
+    ElementalRule,
+    block_of,
+    detect_architecture,
+    elemental_value,
+    parse_elemental,
+)
 from merge_tools.io import (
     Journal,
     OutputEntry,
@@ -178,17 +186,34 @@ def _check_finite(raw: torch.Tensor, reader: TensorReader, key: str) -> None:
 # ------------------------------------------------------------------------------------------ planning
 
 
-def _resolve_node_params(node: Node, arch: Architecture, block: str | None) -> dict[str, Any]:
+def _resolve_node_params(node: Node, arch: Architecture, block: str | None, key: str | None = None) -> dict[str, Any]:
+    """The node's parameters for one block (and key): MBW block weights and elemental rules resolved.
+
+    block None: the defaults of block-weighted parameters (used for planning and the timing probe).
+    """
     spec = node.spec
     params = spec.resolve_params(node.params)
     for name, value in list(params.items()):
-        default = spec.params[name]
-        scalar_param = isinstance(default, (int, float)) and not isinstance(default, bool)
-        if scalar_param and isinstance(value, (list, dict, str)):
-            weights = BlockWeights.parse(
-                value, arch, f"{node.method}.{name}", default=None if isinstance(value, list) else default
-            )
-            params[name] = weights.value(block) if block is not None else default
+        param = spec.params[name]
+        if param.kind != "float" or not isinstance(value, (list, dict, str)):
+            continue
+        rules: tuple[ElementalRule, ...] = ()
+        if isinstance(value, dict) and "elemental" in value:
+            value = dict(value)
+            rules = parse_elemental(str(value.pop("elemental")), arch)
+            if set(value) == {"default"} and isinstance(value["default"], (int, float)):
+                value = value["default"]
+            elif not value:
+                value = param.default
+        label = f"{node.method}.{name}"
+        if isinstance(value, (list, dict, str)):
+            weights = BlockWeights.parse(value, arch, label, default=param.default if isinstance(value, dict) else None)
+            resolved = weights.value(block) if block is not None else param.default
+        else:
+            resolved = float(value)
+        if rules and block is not None and key is not None:
+            resolved = elemental_value(rules, block, key, resolved)
+        params[name] = param.check(node.method, name, resolved)
     return params
 
 
@@ -197,6 +222,8 @@ def _align(root: Node, plan_shape: tuple[int, ...], params_of: Callable[[Node], 
     row = methods.row_length(plan_shape)
     for node in root.nodes():
         needs = node.spec.needs(params_of(node))
+        if "whole" in needs:  # one chunk: the whole tensor (also satisfies every other alignment)
+            return max(math.prod(plan_shape), 1)
         if "row" in needs:
             align = math.lcm(align, row)
         if "tensor" in needs:
@@ -211,8 +238,9 @@ def _bytes_per_element(root: Node, readers_itemsize: Sequence[int], compute_size
     return per
 
 
-def _needs_topk_buffer(root: Node, params_of: Callable[[Node], dict[str, Any]]) -> bool:
-    return any(n.method == "ties" and params_of(n)["k"] < 1.0 for n in root.nodes())
+def _needs_select_buffer(root: Node, params_of: Callable[[Node], dict[str, Any]]) -> bool:
+    """A method selects exactly over the whole tensor (TIES' top-k): one model's |τ| in fp64 is held."""
+    return any("select" in n.spec.needs(params_of(n)) for n in root.nodes())
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -333,7 +361,7 @@ def _probe_seconds_per_element(
     n: int,
 ) -> float:
     """Time the recipe on random fp16 inputs of n elements (a multiple of 256): seconds per output element."""
-    plan = KeyPlan("probe", (256, n // 256), "F16", "merge", None, chunk=n)
+    plan = KeyPlan("probe", (n // 256, 256), "F16", "merge", None, chunk=n)  # rows of 256: cheap per-row work
     gen = torch.Generator().manual_seed(0)
     data = {str(m.path.resolve()): torch.randn(n, generator=gen).half() for m in models}
 
@@ -379,13 +407,16 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
     arch = detect_architecture(shapes0)
 
     # 2. plan every key
-    params_cache: dict[tuple[int, str | None], dict[str, Any]] = {}
+    params_cache: dict[tuple[int, str | None, str | None], dict[str, Any]] = {}
+    elemental = any(isinstance(v, dict) and "elemental" in v for n in root.nodes() for v in n.params.values())
 
-    def params_for(block: str | None) -> Callable[[Node], dict[str, Any]]:
+    def params_for(block: str | None, key: str | None = None) -> Callable[[Node], dict[str, Any]]:
+        key = key if elemental else None  # per-key parameters only where elemental rules exist
+
         def get(node: Node) -> dict[str, Any]:
-            ck = (id(node), block)
+            ck = (id(node), block, key)
             if ck not in params_cache:
-                params_cache[ck] = _resolve_node_params(node, arch, block)
+                params_cache[ck] = _resolve_node_params(node, arch, block, key)
             return params_cache[ck]
 
         return get
@@ -417,7 +448,7 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
     itemsizes = [max((SAFETENSORS_DTYPES[t.dtype][1] for t in r.header.tensors.values()), default=2) for r in readers]
     per_el = _bytes_per_element(root, itemsizes, csize)
     merge_plans = [p for p in plans if p.mode == "merge"]
-    needs_topk = bool(merge_plans) and _needs_topk_buffer(root, params_for(None))
+    needs_topk = bool(merge_plans) and _needs_select_buffer(root, params_for(None))
     work = budget - baseline - _SLACK
     if work <= 0:
         raise MemoryError(
@@ -427,7 +458,7 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
     peak_work = 0
     peak_chunk = 0
     for p in merge_plans:
-        p.align = _align(root, p.shape, params_for(p.block))
+        p.align = _align(root, p.shape, params_for(p.block, p.key))
         if p.numel * per_el <= work:  # one chunk: inputs read once; a top-k copy is among the temporaries
             p.chunk = p.numel
         else:  # chunked: TIES also holds one model's |τ| for the whole tensor (fp64) to select its threshold
@@ -565,7 +596,7 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
                     root,
                     read,
                     compute,
-                    params_for(p.block),
+                    params_for(p.block, p.key),
                     opts.seed,
                     pre,
                     check_leaf if opts.check_finite == "stream" else None,

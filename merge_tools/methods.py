@@ -74,39 +74,131 @@ class ChunkSource(Protocol):
     def chunks(self, indices: Sequence[int] | None = None) -> Iterator[tuple[ChunkContext, list[Tensor]]]: ...
 
 
+_KINDS = {bool: "bool", int: "int", float: "float"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """A typed, range-checked method parameter.
+
+    kind: "float", "int", "bool" or "floats" (a list, one value per model); inferred from the default.
+    [low, high]: the allowed range (None: unbounded); low_open/high_open exclude the end.
+    A float parameter also takes MBW block weights (a list in block order, a {block: value} table, or a
+    preset name); each weight is range-checked.
+    """
+
+    default: Any
+    help: str = ""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    kind: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            kind = "floats" if self.default is None else _KINDS.get(type(self.default), "")
+            if not kind:
+                raise TypeError(f"cannot infer the kind of a parameter whose default is {self.default!r}")
+            object.__setattr__(self, "kind", kind)
+
+    @property
+    def range_text(self) -> str:
+        if self.low is None and self.high is None:
+            return ""
+        lo = "−∞" if self.low is None else f"{self.low:g}"
+        hi = "∞" if self.high is None else f"{self.high:g}"
+        left = "(" if self.low_open or self.low is None else "["
+        right = ")" if self.high_open or self.high is None else "]"
+        return f"{left}{lo}, {hi}{right}"
+
+    def _check_number(self, method: str, name: str, value: Any) -> float | int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{method}: {name} must be a number, not {value!r}")
+        if self.kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{method}: {name} must be a whole number, not {value!r}")
+            value = int(value)
+        else:
+            value = float(value)
+        if math.isnan(value):
+            raise ValueError(f"{method}: {name} is NaN")
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if below or above:
+            raise ValueError(f"{method}: {name}={value:g} is outside its range {self.range_text}")
+        return value
+
+    def check(self, method: str, name: str, value: Any) -> Any:
+        """The value, coerced to the parameter's kind; a clear error when it is of the wrong kind or range."""
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"{method}: {name} must be true or false, not {value!r}")
+            return value
+        if self.kind == "floats":
+            if value is None:
+                return None
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{method}: {name} must be a list of numbers, not {value!r}")
+            return [float(self._check_number(method, name, v if not isinstance(v, str) else float(v))) for v in value]
+        if self.kind == "float" and isinstance(value, (list, tuple)):  # MBW block weights, in block order
+            return [self._check_number(method, f"{name} (block weight)", v) for v in value]
+        if self.kind == "float" and isinstance(value, dict):  # MBW table; "elemental" holds per-key rules
+            return {
+                b: (v if b == "elemental" else self._check_number(method, f"{name}[{b}]", v)) for b, v in value.items()
+            }
+        if self.kind == "float" and isinstance(value, str):  # an MBW preset name or a comma list, parsed later
+            return value
+        return self._check_number(method, name, value)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered merge method.
 
     inputs: "models" (θ_1..θ_N), "base+models" (θ_base then θ_1..θ_N), or a fixed count (add_difference: 3).
-    needs(params) -> subset of {"row", "tensor"}: what chunk alignment the method requires.
+    needs(params) -> subset of {"row", "tensor", "whole", "select"}: what the engine must plan — chunks of
+      whole rows, chunks starting on reduction blocks, the whole tensor as one chunk, or one model's
+      |values| of the whole tensor in fp64 held during prepare (an exact selection such as TIES' top-k).
     strength: the parameter that MBW block weights set by default (None: no MBW for this method).
+    max_models: the most models (θ_1..θ_N) the method takes (None: any number).
     """
 
     name: str
     summary: str
     apply: Callable[..., Tensor]
-    params: dict[str, Any]
+    params: dict[str, Param]
     inputs: str | int = "models"
     prepare: Callable[..., Any] | None = None
     needs: Callable[[dict[str, Any]], frozenset[str]] = field(default=lambda p: frozenset())
     strength: str | None = None
     min_models: int = 1
+    max_models: int | None = None
     random: bool = False
+    source: str = ""  # where the method comes from (paper, peer tool)
     # linear: apply() promotes its inputs itself (the engine may pass leaves in their stored dtype), and the
     # output is finite exactly when every input is (so the NaN/Inf check can look at the output only)
     linear: bool = False
     # compute-dtype temporaries per element alive at once, for n inputs (the engine's memory plan)
     temporaries: Callable[[int], int] = field(default=lambda n: 3 * n + 4)
 
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {k: p.default for k, p in self.params.items()}
+
     def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(given) - set(self.params))
         if unknown:
+            hints = [difflib.get_close_matches(u, list(self.params), n=1) for u in unknown]
+            near = "".join(f" (did you mean {h[0]!r}?)" for h in hints if h)
             raise ValueError(
-                f"method {self.name!r} has no parameter(s) {unknown}; it takes {sorted(self.params) or 'none'}"
+                f"method {self.name!r} has no parameter(s) {unknown}{near}; it takes {sorted(self.params) or 'none'}"
             )
-        out = dict(self.params)
-        out.update(given)
+        out = self.defaults
+        for k, v in given.items():
+            out[k] = self.params[k].check(self.name, k, v)
         return out
 
     def check_inputs(self, n: int) -> None:
@@ -115,9 +207,11 @@ class MethodSpec:
                 raise ValueError(f"method {self.name!r} takes exactly {self.inputs} inputs, got {n}")
             return
         models = n - 1 if self.inputs == "base+models" else n
+        what = "a base and " if self.inputs == "base+models" else ""
         if models < self.min_models:
-            what = "a base and " if self.inputs == "base+models" else ""
             raise ValueError(f"method {self.name!r} needs {what}at least {self.min_models} model(s), got {n} inputs")
+        if self.max_models is not None and models > self.max_models:
+            raise ValueError(f"method {self.name!r} takes {what}at most {self.max_models} model(s), got {n} inputs")
 
     def __call__(self, inputs: Sequence[Tensor], *, key: str = "", seed: int = 0, **params: Any) -> Tensor:
         """Pure whole-tensor form: the formula applied to full tensors (same code path as streaming)."""
@@ -151,6 +245,20 @@ def register(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"merge method {spec.name!r} is already registered")
     REGISTRY[spec.name] = spec
     return spec
+
+
+def merge_method(
+    name: str, summary: str, *, params: dict[str, Param] | None = None, **fields: Any
+) -> Callable[[Callable[..., Tensor]], MethodSpec]:
+    """Register the decorated ``apply(inputs, ctx, stats, **params)`` as method `name`; returns its MethodSpec.
+
+    The spec is the pure function: ``spec([θ_1, θ_2], alpha=0.3)`` runs prepare + apply on whole tensors.
+    """
+
+    def wrap(apply: Callable[..., Tensor]) -> MethodSpec:
+        return register(MethodSpec(name, summary, apply, dict(params or {}), **fields))
+
+    return wrap
 
 
 def get(name: str) -> MethodSpec:
@@ -401,6 +509,17 @@ _TENSOR = lambda p: frozenset({"tensor"})  # noqa: E731
 _ROW = lambda p: frozenset({"row"})  # noqa: E731
 
 
+LAM = Param(1.0, "scale of the merged task vector (MBW)")
+ALPHA = Param(1.0, "strength (MBW)")
+
+
+@merge_method(
+    "weighted_sum",
+    "Σ w_i θ_i (weights as given; none = 1/N)",
+    params={"weights": Param(None, "comma-separated weights, one per model (default 1/N each)")},
+    temporaries=lambda n: 3,
+    source="A1111 / supermerger weighted sum, generalised to N models",
+)
 def _weighted_sum(x: list[Tensor], ctx: ChunkContext, stats: None, weights: Sequence[float] | None) -> Tensor:
     if weights is None:
         return _sum(x).div_(len(x))
@@ -412,60 +531,52 @@ def _weighted_sum(x: list[Tensor], ctx: ChunkContext, stats: None, weights: Sequ
     return acc
 
 
-register(
-    MethodSpec(
-        "weighted_sum",
-        "Σ w_i θ_i (weights as given; none = 1/N)",
-        _weighted_sum,
-        {"weights": None},
-        min_models=1,
-        temporaries=lambda n: 3,
-    )
+
+
+@merge_method(
+    "soup", "uniform soup: Σ θ_i / N", linear=True, temporaries=lambda n: 2, source="Wortsman et al. 2022 (model soups)"
 )
-register(
-    MethodSpec(
-        "soup",
-        "uniform soup: Σ θ_i / N",
-        lambda x, ctx, s: _promoted_sum(x, ctx.dtype).div_(len(x)),
-        {},
-        min_models=1,
-        linear=True,
-        temporaries=lambda n: 2,
-    )
+def _soup(x: list[Tensor], ctx: ChunkContext, stats: None) -> Tensor:
+    return _promoted_sum(x, ctx.dtype).div_(len(x))
+
+
+@merge_method(
+    "weighted_pair",
+    "(1−α)·A + α·B (supermerger's weighted sum; MBW sets α)",
+    params={"alpha": Param(0.5, "share of B (MBW)")},
+    inputs=2,
+    strength="alpha",
+    source="A1111 checkpoint merger / supermerger",
 )
-register(
-    MethodSpec(
-        "weighted_pair",
-        "(1−α)·A + α·B (supermerger's weighted sum; MBW sets α)",
-        lambda x, ctx, s, alpha: x[0] * (1.0 - alpha) + x[1] * alpha,
-        {"alpha": 0.5},
-        inputs=2,
-        strength="alpha",
-    )
+def _weighted_pair(x: list[Tensor], ctx: ChunkContext, stats: None, alpha: float) -> Tensor:
+    return x[0] * (1.0 - alpha) + x[1] * alpha
+
+
+@merge_method(
+    "add_difference",
+    "A + α·(B − C)",
+    params={"alpha": ALPHA},
+    inputs=3,
+    strength="alpha",
+    linear=True,
+    temporaries=lambda n: 2,
+    source="A1111 checkpoint merger",
 )
-register(
-    MethodSpec(
-        "add_difference",
-        "A + α·(B − C)",
-        lambda x, ctx, s, alpha: x[1].to(ctx.dtype, copy=True).sub_(x[2]).mul_(alpha).add_(x[0]),
-        {"alpha": 1.0},
-        inputs=3,
-        strength="alpha",
-        linear=True,
-        temporaries=lambda n: 2,
-    )
+def _add_difference(x: list[Tensor], ctx: ChunkContext, stats: None, alpha: float) -> Tensor:
+    return x[1].to(ctx.dtype, copy=True).sub_(x[2]).mul_(alpha).add_(x[0])
+
+
+@merge_method(
+    "task_arithmetic",
+    "θ_base + λ·Σ τ_i",
+    params={"lam": LAM},
+    inputs="base+models",
+    strength="lam",
+    temporaries=lambda n: n + 2,
+    source="Ilharco et al. 2023 (task arithmetic)",
 )
-register(
-    MethodSpec(
-        "task_arithmetic",
-        "θ_base + λ·Σ τ_i",
-        lambda x, ctx, s, lam: _sum(_deltas(x)).mul_(lam).add_(x[0]),
-        {"lam": 1.0},
-        inputs="base+models",
-        strength="lam",
-        temporaries=lambda n: n + 2,
-    )
-)
+def _task_arithmetic(x: list[Tensor], ctx: ChunkContext, stats: None, lam: float) -> Tensor:
+    return _sum(_deltas(x)).mul_(lam).add_(x[0])
 
 
 @dataclass
@@ -512,64 +623,71 @@ def _ties_apply(x: list[Tensor], ctx: ChunkContext, stats: _TiesStats | None, k:
     return _disjoint_mean(deltas, "mass").mul_(lam).add_(x[0])
 
 
-register(
-    MethodSpec(
-        "ties",
-        "θ_base + λ·disjoint mean of top-k trimmed τ_i agreeing with γ = sgn Σ τ_i",
-        _ties_apply,
-        {"k": 0.2, "lam": 1.0},
-        inputs="base+models",
-        prepare=_ties_prepare,
-        needs=lambda p: frozenset({"tensor"}) if p["k"] < 1.0 else frozenset(),
-        strength="lam",
-        temporaries=lambda n: n + 5,
-    )
+TOPK = Param(0.2, "fraction of each τ_i kept by magnitude (1 = all)", 0.0, 1.0, low_open=True)
+DROP_P = Param(0.1, "drop probability", 0.0, 1.0, high_open=True)
+DELLA_EPS = Param(-0.1, "spread of the drop probability by magnitude rank (< 0: large |τ| dropped less)", -1.0, 1.0)
+
+merge_method(
+    "ties",
+    "θ_base + λ·disjoint mean of top-k trimmed τ_i agreeing with γ = sgn Σ τ_i",
+    params={"k": TOPK, "lam": LAM},
+    inputs="base+models",
+    prepare=_ties_prepare,
+    needs=lambda p: frozenset({"tensor", "select"}) if p["k"] < 1.0 else frozenset(),
+    strength="lam",
+    temporaries=lambda n: n + 5,
+    source="Yadav et al. 2023 (TIES-merging)",
+)(_ties_apply)
+
+
+@merge_method(
+    "ties_soup",
+    "θ_base + disjoint mean of τ_i agreeing with γ = sgn Σ sgn τ_i (k = 100%, λ = 1)",
+    inputs="base+models",
+    temporaries=lambda n: n + 4,
+    source="sd-mecha ties_sum_extended (vote_sgn)",
 )
-register(
-    MethodSpec(
-        "ties_soup",
-        "θ_base + disjoint mean of τ_i agreeing with γ = sgn Σ sgn τ_i (k = 100%, λ = 1)",
-        lambda x, ctx, s: _disjoint_mean(_deltas(x), "count").add_(x[0]),
-        {},
-        inputs="base+models",
-        temporaries=lambda n: n + 4,
-    )
+def _ties_soup(x: list[Tensor], ctx: ChunkContext, stats: None) -> Tensor:
+    return _disjoint_mean(_deltas(x), "count").add_(x[0])
+
+
+@merge_method(
+    "dare",
+    "θ_base + λ·Σ DARE(τ_i): keep with prob 1−p, rescale 1/(1−p)",
+    params={"p": DROP_P, "lam": LAM},
+    inputs="base+models",
+    strength="lam",
+    random=True,
+    source="Yu et al. 2024 (DARE)",
 )
-register(
-    MethodSpec(
-        "dare",
-        "θ_base + λ·Σ DARE(τ_i): keep with prob 1−p, rescale 1/(1−p)",
-        lambda x, ctx, s, p, lam: _sum(_dare_drop(_deltas(x), ctx, p)).mul_(lam).add_(x[0]),
-        {"p": 0.1, "lam": 1.0},
-        inputs="base+models",
-        strength="lam",
-        random=True,
-    )
+def _dare(x: list[Tensor], ctx: ChunkContext, stats: None, p: float, lam: float) -> Tensor:
+    return _sum(_dare_drop(_deltas(x), ctx, p)).mul_(lam).add_(x[0])
+
+
+@merge_method(
+    "tsd",
+    "TIES-SOUP over DARE-dropped deltas, λ = 1−p",
+    params={"p": DROP_P},
+    inputs="base+models",
+    random=True,
+    source="the merging seed (TIES-SOUP + DARE)",
 )
-register(
-    MethodSpec(
-        "tsd",
-        "TIES-SOUP over DARE-dropped deltas, λ = 1−p",
-        lambda x, ctx, s, p: _disjoint_mean(_dare_drop(_deltas(x), ctx, p), "count").mul_(1.0 - p).add_(x[0]),
-        {"p": 0.1},
-        inputs="base+models",
-        random=True,
-    )
+def _tsd(x: list[Tensor], ctx: ChunkContext, stats: None, p: float) -> Tensor:
+    return _disjoint_mean(_dare_drop(_deltas(x), ctx, p), "count").mul_(1.0 - p).add_(x[0])
+
+
+@merge_method(
+    "della",
+    "θ_base + λ·TIES elect/disjoint mean of DELLA-dropped τ_i (p_i by magnitude rank in the row)",
+    params={"p": DROP_P, "eps": DELLA_EPS, "lam": LAM},
+    inputs="base+models",
+    needs=_ROW,
+    strength="lam",
+    random=True,
+    source="Deep et al. 2024 (DELLA-merging)",
 )
-register(
-    MethodSpec(
-        "della",
-        "θ_base + λ·TIES elect/disjoint mean of DELLA-dropped τ_i (p_i by magnitude rank in the row)",
-        lambda x, ctx, s, p, eps, lam: (
-            _disjoint_mean(_della_drop(_deltas(x), ctx, p, eps), "mass").mul_(lam).add_(x[0])
-        ),
-        {"p": 0.1, "eps": -0.1, "lam": 1.0},
-        inputs="base+models",
-        needs=_ROW,
-        strength="lam",
-        random=True,
-    )
-)
+def _della(x: list[Tensor], ctx: ChunkContext, stats: None, p: float, eps: float, lam: float) -> Tensor:
+    return _disjoint_mean(_della_drop(_deltas(x), ctx, p, eps), "mass").mul_(lam).add_(x[0])
 
 
 def _model_stock_prepare(source: ChunkSource, ctx: ChunkContext, per_channel: bool, cos_eps: float) -> float | None:
@@ -600,38 +718,42 @@ def _model_stock_apply(x: list[Tensor], ctx: ChunkContext, t: float | None, per_
     return mean * t_el + base * (1.0 - t_el)
 
 
-register(
-    MethodSpec(
-        "model_stock",
-        "t·mean(θ_i) + (1−t)·θ_base, t = N·cos/(1+(N−1)·cos), cos = mean pairwise cosine of τ",
-        _model_stock_apply,
-        {"per_channel": False, "cos_eps": 1e-6},
-        inputs="base+models",
-        prepare=_model_stock_prepare,
-        needs=lambda p: frozenset({"row"} if p["per_channel"] else {"tensor"}),
-        min_models=1,
-        temporaries=lambda n: 2 * n + 4,
-    )
-)
+merge_method(
+    "model_stock",
+    "t·mean(θ_i) + (1−t)·θ_base, t = N·cos/(1+(N−1)·cos), cos = mean pairwise cosine of τ",
+    params={
+        "per_channel": Param(False, "one t per output channel instead of per tensor"),
+        "cos_eps": Param(1e-6, "floor of the norms in the cosine", 0.0),
+    },
+    inputs="base+models",
+    prepare=_model_stock_prepare,
+    needs=lambda p: frozenset({"row"} if p["per_channel"] else {"tensor"}),
+    temporaries=lambda n: 2 * n + 4,
+    source="Jang et al. 2024 (Model Stock)",
+)(_model_stock_apply)
 
-_GM_PARAMS = {"eps": 1e-6, "maxiter": 100, "ftol": 1e-20}
+_GM_PARAMS = {
+    "eps": Param(1e-6, "Weiszfeld: floor of the distances", 0.0, low_open=True),
+    "maxiter": Param(100, "Weiszfeld: most iterations", 0),
+    "ftol": Param(1e-20, "Weiszfeld: relative change of the objective that stops it", 0.0),
+}
 
 
 def _gm_prepare(source: ChunkSource, ctx: ChunkContext, eps: float, maxiter: int, ftol: float) -> np.ndarray:
     return weiszfeld_weights(gram_matrix(source, _fill_centred, source.n_inputs), eps, maxiter, ftol)
 
 
-register(
-    MethodSpec(
-        "geometric_median",
-        "Weiszfeld geometric median of θ_i (whole tensor as one point)",
-        lambda x, ctx, w, **_: _weighted_average(x, w),
-        dict(_GM_PARAMS),
-        prepare=_gm_prepare,
-        needs=_TENSOR,
-        temporaries=lambda n: n + 3,
-    )
+@merge_method(
+    "geometric_median",
+    "Weiszfeld geometric median of θ_i (whole tensor as one point)",
+    params=_GM_PARAMS,
+    prepare=_gm_prepare,
+    needs=_TENSOR,
+    temporaries=lambda n: n + 3,
+    source="Pillutla et al. 2022 (robust aggregation); sd-mecha geometric_median",
 )
+def _geometric_median(x: list[Tensor], ctx: ChunkContext, w: np.ndarray, **_: Any) -> Tensor:
+    return _weighted_average(x, w)
 
 
 def _tgmd_deltas(x: list[Tensor], ctx: ChunkContext) -> list[Tensor]:
@@ -642,17 +764,17 @@ def _tgmd_prepare(source: ChunkSource, ctx: ChunkContext, eps: float, maxiter: i
     return weiszfeld_weights(gram_matrix(source, _fill_filtered(_tgmd_deltas), source.n_inputs - 1), eps, maxiter, ftol)
 
 
-register(
-    MethodSpec(
-        "tgmd",
-        "θ_base + GM of TIES-SOUP sign-filtered τ_i (disagreeing entries as zeros)",
-        lambda x, ctx, w, **_: _weighted_average(_tgmd_deltas(x, ctx), w).add_(x[0]),
-        dict(_GM_PARAMS),
-        inputs="base+models",
-        prepare=_tgmd_prepare,
-        needs=_TENSOR,
-    )
+@merge_method(
+    "tgmd",
+    "θ_base + GM of TIES-SOUP sign-filtered τ_i (disagreeing entries as zeros)",
+    params=_GM_PARAMS,
+    inputs="base+models",
+    prepare=_tgmd_prepare,
+    needs=_TENSOR,
+    source="the merging seed (TIES-SOUP + geometric median)",
 )
+def _tgmd(x: list[Tensor], ctx: ChunkContext, w: np.ndarray, **_: Any) -> Tensor:
+    return _weighted_average(_tgmd_deltas(x, ctx), w).add_(x[0])
 
 
 def _dgmla_deltas(x: list[Tensor], ctx: ChunkContext, p: float, della_eps: float) -> list[Tensor]:
@@ -667,18 +789,18 @@ def _dgmla_prepare(
     return weiszfeld_weights(gram, eps, maxiter, ftol)
 
 
-register(
-    MethodSpec(
-        "dgmla",
-        "TGMD over DELLA-dropped deltas (p = 0.1, ε = −0.1)",
-        lambda x, ctx, w, p, della_eps, **_: _weighted_average(_dgmla_deltas(x, ctx, p, della_eps), w).add_(x[0]),
-        {"p": 0.1, "della_eps": -0.1, **_GM_PARAMS},
-        inputs="base+models",
-        prepare=_dgmla_prepare,
-        needs=lambda p: frozenset({"tensor", "row"}),
-        random=True,
-    )
+@merge_method(
+    "dgmla",
+    "TGMD over DELLA-dropped deltas (p = 0.1, ε = −0.1)",
+    params={"p": DROP_P, "della_eps": DELLA_EPS, **_GM_PARAMS},
+    inputs="base+models",
+    prepare=_dgmla_prepare,
+    needs=lambda p: frozenset({"tensor", "row"}),
+    random=True,
+    source="the merging seed (DELLA + TGMD)",
 )
+def _dgmla(x: list[Tensor], ctx: ChunkContext, w: np.ndarray, p: float, della_eps: float, **_: Any) -> Tensor:
+    return _weighted_average(_dgmla_deltas(x, ctx, p, della_eps), w).add_(x[0])
 
 
 def _slerp_prepare(source: ChunkSource, ctx: ChunkContext, t: float) -> tuple[float, float]:
@@ -698,16 +820,17 @@ def _slerp_apply(x: list[Tensor], ctx: ChunkContext, stats: tuple[float, float],
     return x[0] * (math.sin((1.0 - t) * omega) / s) + x[1] * (math.sin(t * omega) / s)
 
 
-register(
-    MethodSpec(
-        "slerp",
-        "sin((1−t)Ω)/sin Ω·A + sin(tΩ)/sin Ω·B, Ω = angle between A and B (LERP when |cos Ω| > 0.9995)",
-        _slerp_apply,
-        {"t": 0.5},
-        inputs=2,
-        prepare=_slerp_prepare,
-        needs=_TENSOR,
-        strength="t",
-        temporaries=lambda n: 4,
-    )
-)
+merge_method(
+    "slerp",
+    "sin((1−t)Ω)/sin Ω·A + sin(tΩ)/sin Ω·B, Ω = angle between A and B (LERP when |cos Ω| > 0.9995)",
+    params={"t": Param(0.5, "position from A (0) to B (1) (MBW)")},
+    inputs=2,
+    prepare=_slerp_prepare,
+    needs=_TENSOR,
+    strength="t",
+    temporaries=lambda n: 4,
+    source="Shoemake 1985; mergekit / sd-mecha slerp",
+)(_slerp_apply)
+
+# the methods of mergekit, sd-mecha and supermerger that the seed did not have
+from merge_tools import peer_methods as _peer_methods  # noqa: E402,F401  (registers them)

@@ -60,17 +60,40 @@ CASES = [
     ("geometric_median", {}, False),
     ("tgmd", {}, True),
     ("dgmla", {}, True),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.05}, True),
+    ("breadcrumbs_ties", {"density": 0.5}, True),
+    ("della_linear", {"p": 0.2}, True),
+    ("sce", {"select_topk": 0.5}, True),
+    ("karcher", {}, False),
+    ("multislerp", {}, True),
+    ("nuslerp", {}, "base+2"),
+    ("nuslerp", {"row_wise": True}, "base+2"),
+    ("nearswap", {"t": 0.02}, "2"),
+    ("train_difference", {}, "3"),
+    ("add_perpendicular", {}, "3"),
+    ("add_cosine_a", {"alpha": 0.2}, "2"),
+    ("add_cosine_b", {}, "2"),
+    ("rotate", {"alignment": 0.5, "alpha": 0.3}, "2"),
+    ("crossover", {"tilt": 0.3}, "2"),
+    ("clamp", {"stiffness": 0.5}, False),
+    ("smooth_add", {}, "3"),
 ]
 
 
+def _inputs(paths: list[Path], with_base: bool | str) -> list[Path]:
+    return {True: paths, False: paths[1:], "base+2": paths[:3], "2": paths[1:3], "3": paths[:3]}[with_base]
+
+
 @pytest.mark.parametrize(
-    "method,params,with_base", CASES, ids=[f"{c[0]}{'-pc' if c[1].get('per_channel') else ''}" for c in CASES]
+    "method,params,with_base",
+    CASES,
+    ids=[f"{c[0]}{'-pc' if c[1].get('per_channel') else ''}{'-rows' if c[1].get('row_wise') else ''}" for c in CASES],
 )
 def test_bit_identical_for_any_chunk_size_and_threads(
-    tmp_path: Path, method: str, params: dict, with_base: bool
+    tmp_path: Path, method: str, params: dict, with_base: bool | str
 ) -> None:
     paths = make_models(tmp_path, 3)
-    inputs = paths if with_base else paths[1:]
+    inputs = _inputs(paths, with_base)
     one = tmp_path / "one.safetensors"
     run(method, inputs, one, params, output_dtype="fp32")
     many = tmp_path / "many.safetensors"

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import toml
 
+from merge_tools import methods as merge_methods
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 OPTIMIZERS = ["ADA_SURGE", "AdamW", "AdamW8bit", "Adafactor", "SGD"]
 SCHEDULERS = ["cascade", "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
               "polynomial", "adafactor"]
-MERGE_METHODS = ["soup", "weighted_sum", "add_difference", "task_arithmetic", "ties", "ties_soup", "dare",
-                 "tsd", "della", "model_stock", "geometric_median", "tgmd", "dgmla", "slerp"]
+MERGE_METHODS = list(merge_methods.REGISTRY)  # the merge registry, in registration order
 
 
 def build_train_config(
