@@ -138,6 +138,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vae", help="the VAE")
     s.add_argument("-o", "--output", required=True, help="output .safetensors (never an input)")
     s.set_defaults(method=None)
+    x = sub.add_parser("extract-lora", help="SVD of TUNED − BASE per module into a kohya LoRA (LoCon: --conv_dim)")
+    x.add_argument("tuned", help="the fine-tuned checkpoint (.safetensors, SD1 or SDXL single file)")
+    x.add_argument("base", help="the checkpoint it was tuned from")
+    x.add_argument("-o", "--output", required=True, help="output LoRA .safetensors (never an input)")
+    x.add_argument("--dim", type=int, default=32, help="rank of Linear / 1x1 modules (default 32)")
+    x.add_argument("--conv_dim", "--conv-dim", type=int, default=0,
+                   help="rank of 3x3 conv modules (LoCon); 0 = attention/MLP modules only (default)")
+    x.add_argument("--energy", type=float, default=None,
+                   help="per module, the smallest rank keeping this share of Σσ² (e.g. 0.9), at most --dim")
+    x.add_argument("--clamp-quantile", type=float, default=0.99,
+                   help="clamp up/down values beyond this quantile of |values| (sd-scripts' 0.99; 1 = off)")
+    x.add_argument("--min-diff", type=float, default=1e-6, help="leave out modules whose max |ΔW| is below this")
+    x.add_argument("--save-precision", choices=["fp16", "bf16", "fp32"], default="fp16", help="LoRA dtype")
+    x.add_argument("--device", default="cpu", help="where the SVDs run: cpu (default) or cuda")
+    x.add_argument("--no-progress", action="store_true", help="no progress bar")
+    x.set_defaults(method=None)
+    m = sub.add_parser("merge-lora", help="add kohya LoRA / LoCon / LoHa / LoKr files into a checkpoint, in fp64")
+    m.add_argument("base", help="the checkpoint (.safetensors, SD1 or SDXL single file)")
+    m.add_argument("loras", nargs="+", help="LoRA files, each optionally with a multiplier: lora.safetensors:0.7")
+    m.add_argument("-o", "--output", required=True, help="output .safetensors (never an input)")
+    m.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                   help="cast the float tensors of the output (default: keep each tensor's dtype)")
+    m.add_argument("--skip-unmatched", action="store_true",
+                   help="leave out LoRA modules that match no tensor instead of stopping")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.set_defaults(method=None)
     return parser
 
 
@@ -183,8 +209,26 @@ def _inspect(args: argparse.Namespace) -> None:
     run(args.models, args.base, args.json_path, args.out_dir, progress=not args.no_progress)
 
 
+def _extract_lora(args: argparse.Namespace) -> None:
+    from merge_tools.lora_tools import extract_lora
+
+    extract_lora(args.tuned, args.base, args.output, dim=args.dim, conv_dim=args.conv_dim, energy=args.energy,
+                 clamp_quantile=args.clamp_quantile, min_diff=args.min_diff, save_dtype=args.save_precision,
+                 device=args.device, progress=not args.no_progress)
+
+
+def _merge_lora(args: argparse.Namespace) -> None:
+    from merge_tools.lora_tools import merge_lora, parse_lora_arg
+
+    counts = merge_lora(args.base, [parse_lora_arg(a) for a in args.loras], args.output, dtype=args.dtype,
+                        skip_unmatched=args.skip_unmatched, progress=not args.no_progress)
+    print(f"wrote {args.output}: {counts['modules']} LoRA modules into {counts['keys']} tensors"
+          + (f", {counts['unmatched']} left out" if counts["unmatched"] else ""))
+
+
 # model utilities beside the merge methods: subcommand → what runs it (errors are reported by main)
-UTILITIES = {"swap": _swap, "prune-ema": _prune_ema, "blocks": _blocks, "inspect": _inspect}
+UTILITIES = {"swap": _swap, "prune-ema": _prune_ema, "blocks": _blocks, "inspect": _inspect,
+             "extract-lora": _extract_lora, "merge-lora": _merge_lora}
 
 
 def _sigterm(signum: int, frame: Any) -> None:

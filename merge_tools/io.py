@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,20 +222,43 @@ def side_paths(output: Path) -> tuple[Path, Path]:
     return output.with_name(f".{output.name}.partial"), output.with_name(f".{output.name}.journal")
 
 
-def copy_tensors(output: Path, plan: dict[str, tuple[TensorReader, str]], metadata: dict[str, str],
-                 chunk_elements: int = 1 << 24) -> None:
-    """Write `output` as the tensors `plan` names ({output key: (reader, source key)}), streamed chunk by chunk in
-    their stored dtype, to a temp file that is fsynced and renamed; nothing is left behind on failure."""
-    entries = [OutputEntry(k, r.header.tensors[src].dtype, tuple(r.header.tensors[src].shape))
+def copy_tensors(
+    output: Path,
+    plan: dict[str, tuple[TensorReader, str]],
+    metadata: dict[str, str],
+    chunk_elements: int = 1 << 24,
+    transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    dtypes: Mapping[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Write `output` as the tensors `plan` names ({output key: (reader, source key)}), to a temp file that is
+    fsynced and renamed; nothing is left behind on failure.
+
+    Untransformed tensors stream chunk by chunk in their stored dtype (or `dtypes[key]`, a safetensors dtype
+    name). A key in `transforms` is read whole and written as `transforms[key](tensor)` cast to its dtype, so
+    memory stays at the largest transformed tensor. `progress(key)` is called after each tensor.
+    """
+    transforms, dtypes = transforms or {}, dtypes or {}
+    entries = [OutputEntry(k, dtypes.get(k, r.header.tensors[src].dtype), tuple(r.header.tensors[src].shape))
                for k, (r, src) in plan.items()]
+    torch_dtype = {v: k for k, v in TORCH_TO_ST.items()}
     partial, _ = side_paths(output)
     try:
         writer = SafetensorsWriter(partial, entries, metadata)
         try:
-            for key, (reader, src) in plan.items():
-                numel = reader.header.tensors[src].numel
-                for start in range(0, numel, chunk_elements):
-                    writer.write(key, start, reader.read(src, start, min(numel, start + chunk_elements)))
+            for entry in entries:
+                reader, src = plan[entry.key]
+                info = reader.header.tensors[src]
+                cast = entry.dtype != info.dtype
+                if entry.key in transforms:
+                    value = transforms[entry.key](reader.read(src).view(tuple(info.shape)))
+                    writer.write(entry.key, 0, value.reshape(-1).to(torch_dtype[entry.dtype]))
+                else:
+                    for start in range(0, info.numel, chunk_elements):
+                        chunk = reader.read(src, start, min(info.numel, start + chunk_elements))
+                        writer.write(entry.key, start, chunk.to(torch_dtype[entry.dtype]) if cast else chunk)
+                if progress is not None:
+                    progress(entry.key)
             writer.sync()
         finally:
             writer.close()
