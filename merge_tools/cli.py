@@ -164,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out LoRA modules that match no tensor instead of stopping")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.set_defaults(method=None)
+    rb = sub.add_parser("rebasin", help="Git Re-Basin: reorder B's hidden units to line up with A (same function)")
+    rb.add_argument("a", help="the reference model (.safetensors, SD1/SD2/SDXL single file)")
+    rb.add_argument("b", help="the model to align; the output computes exactly what it computes")
+    rb.add_argument("-o", "--output", required=True, help="output .safetensors: B aligned to A (never an input)")
+    rb.add_argument("--head-dim", type=int, default=None, help="attention head width (default: 64 for SDXL/SD2)")
+    rb.add_argument("--heads", type=int, default=None, help="attention heads per layer instead (default: 8 for SD1)")
+    rb.add_argument("--norm-groups", type=int, default=32, help="GroupNorm groups of the ResBlocks (default 32)")
+    rb.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rb.set_defaults(method=None)
     return parser
 
 
@@ -226,9 +235,16 @@ def _merge_lora(args: argparse.Namespace) -> None:
           + (f", {counts['unmatched']} left out" if counts["unmatched"] else ""))
 
 
+def _rebasin(args: argparse.Namespace) -> None:
+    from merge_tools.rebasin import rebasin
+
+    rebasin(args.a, args.b, args.output, head_dim=args.head_dim, heads=args.heads, norm_groups=args.norm_groups,
+            progress=not args.no_progress)
+
+
 # model utilities beside the merge methods: subcommand → what runs it (errors are reported by main)
 UTILITIES = {"swap": _swap, "prune-ema": _prune_ema, "blocks": _blocks, "inspect": _inspect,
-             "extract-lora": _extract_lora, "merge-lora": _merge_lora}
+             "extract-lora": _extract_lora, "merge-lora": _merge_lora, "rebasin": _rebasin}
 
 
 def _sigterm(signum: int, frame: Any) -> None:

@@ -396,6 +396,10 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
     out_st = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}[opts.output_dtype]
     root = recipe.root
     models = _model_list(root)
+    if any(m.derive is not None for m in models):  # recipe rebasin nodes: align first (cached by content)
+        from merge_tools.rebasin import materialize
+
+        materialize(models, log)
 
     # 1. validate everything before any work
     readers, table = validate_inputs(models, output, opts.missing_keys)

@@ -43,8 +43,11 @@ class RecipeError(ValueError):
 
 @dataclass(frozen=True)
 class ModelRef:
+    """A model file. `derive` = ("rebasin", A, B, params): the file is B aligned to A, made before merging."""
+
     name: str
     path: Path
+    derive: tuple[str, ModelRef, ModelRef, dict[str, Any]] | None = field(default=None, compare=False, hash=False)
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.name}
@@ -136,22 +139,36 @@ def parse_recipe(data: Mapping[str, Any], base_dir: Path, source: str = "recipe"
         mp = Path(p).expanduser()
         models[name] = ModelRef(name, mp if mp.is_absolute() else base_dir / mp)
 
-    built: dict[str, Node] = {}
+    built: dict[str, Node | ModelRef] = {}
     building: list[str] = []
     used: set[str] = set()
 
-    def build(table: Mapping[str, Any], where: str) -> Node:
+    def build(table: Mapping[str, Any], where: str) -> Node | ModelRef:
         if "method" not in table:
             raise RecipeError(f"{source}: {where} has no 'method'")
         if "inputs" not in table or not isinstance(table["inputs"], list):
             raise RecipeError(f"{source}: {where} needs 'inputs = [...]' (model or node names)")
         inputs = [resolve(x, f"{where}.inputs[{i}]") for i, x in enumerate(table["inputs"])]
         params = {k: v for k, v in table.items() if k not in ("method", "inputs")}
+        if str(table["method"]) == "rebasin":
+            return rebasin_ref(inputs, params, where)
         try:
             return Node(str(table["method"]), tuple(inputs), params, name=where)
         except (KeyError, ValueError) as e:
             msg = e.args[0] if e.args else str(e)
             raise RecipeError(f"{source}: {where}: {msg}") from e
+
+    def rebasin_ref(inputs: list[Node | ModelRef], params: dict[str, Any], where: str) -> ModelRef:
+        from merge_tools.rebasin import REBASIN_PARAMS, aligned_cache_path
+
+        if len(inputs) != 2 or not all(isinstance(i, ModelRef) and i.derive is None for i in inputs):
+            raise RecipeError(f"{source}: {where}: rebasin takes two model files, inputs = [reference, model]")
+        unknown = sorted(set(params) - set(REBASIN_PARAMS))
+        if unknown:
+            raise RecipeError(f"{source}: {where}: rebasin has no parameter(s) {unknown}; it takes {REBASIN_PARAMS}")
+        a, b = inputs
+        assert isinstance(a, ModelRef) and isinstance(b, ModelRef)
+        return ModelRef(where, aligned_cache_path(a.path, b.path, params), ("rebasin", a, b, dict(params)))
 
     def resolve(x: Any, where: str) -> Node | ModelRef:
         if isinstance(x, Mapping):
@@ -165,7 +182,7 @@ def parse_recipe(data: Mapping[str, Any], base_dir: Path, source: str = "recipe"
             return node(x)
         raise RecipeError(f"{source}: {where} refers to {x!r}, which is neither in [models] nor a [nodes.{x}]")
 
-    def node(name: str) -> Node:
+    def node(name: str) -> Node | ModelRef:
         if name in built:
             return built[name]
         if name in building:
@@ -188,7 +205,10 @@ def parse_recipe(data: Mapping[str, Any], base_dir: Path, source: str = "recipe"
         root_name = roots[0]
     if root_name not in built:
         raise RecipeError(f"{source}: [output] node = {root_name!r} is not a [nodes.*] table")
-    return Recipe(built[root_name], output, source)
+    root = built[root_name]
+    if not isinstance(root, Node):
+        raise RecipeError(f"{source}: the final node {root_name!r} must be a merge method (rebasin only aligns)")
+    return Recipe(root, output, source)
 
 
 def single_method(method: str, inputs: list[str | Path], params: dict[str, Any]) -> Recipe:
