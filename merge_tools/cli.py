@@ -173,6 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--norm-groups", type=int, default=32, help="GroupNorm groups of the ResBlocks (default 32)")
     rb.add_argument("--no-progress", action="store_true", help="no progress bar")
     rb.set_defaults(method=None)
+    au = sub.add_parser("autombw", help="Bayesian search (optuna TPE) of a recipe's MBW block weights for a reward")
+    au.add_argument("recipe", help="a TOML recipe whose node has a block-weighted parameter")
+    au.add_argument("-o", "--output", required=True, help="the best recipe, written as TOML")
+    au.add_argument("--reference", help="reward: agreement with this model's noise prediction on fixed probes")
+    au.add_argument("--reward-fn", help="reward: your module:function(checkpoint_path) -> float (higher = better)")
+    au.add_argument("--trials", type=int, default=50, help="trials in total, counting finished ones (default 50)")
+    au.add_argument("--node", help="the node to search (default: the final node)")
+    au.add_argument("--param", help="its parameter to search (default: the method's MBW parameter)")
+    au.add_argument("--groups", choices=["blocks", "coarse"], default="blocks",
+                    help="one weight per block (default), or one each for BASE, IN, M, OUT")
+    au.add_argument("--low", type=float, default=0.0, help="lowest weight (default 0)")
+    au.add_argument("--high", type=float, default=1.0, help="highest weight (default 1)")
+    au.add_argument("--study", help="optuna SQLite file (default: OUTPUT.study.sqlite); an existing one resumes")
+    au.add_argument("--seed", type=int, default=0, help="sampler and probe seed")
+    au.add_argument("--probes", type=int, default=4, help="probe inputs of the built-in reward (default 4)")
+    au.add_argument("--plots", help="folder for objective.png and importance.png")
+    au.add_argument("--no-progress", action="store_true", help="no progress bar")
+    au.set_defaults(method=None)
     return parser
 
 
@@ -242,9 +260,19 @@ def _rebasin(args: argparse.Namespace) -> None:
             progress=not args.no_progress)
 
 
+def _autombw(args: argparse.Namespace) -> None:
+    from merge_tools.autombw import autombw
+
+    autombw(args.recipe, args.output, reference=args.reference, reward_fn=args.reward_fn, trials=args.trials,
+            node=args.node, param=args.param, groups=args.groups, low=args.low, high=args.high,
+            study_path=args.study, seed=args.seed, probes=args.probes, plots=args.plots,
+            progress=not args.no_progress)
+
+
 # model utilities beside the merge methods: subcommand → what runs it (errors are reported by main)
 UTILITIES = {"swap": _swap, "prune-ema": _prune_ema, "blocks": _blocks, "inspect": _inspect,
-             "extract-lora": _extract_lora, "merge-lora": _merge_lora, "rebasin": _rebasin}
+             "extract-lora": _extract_lora, "merge-lora": _merge_lora, "rebasin": _rebasin,
+             "autombw": _autombw}
 
 
 def _sigterm(signum: int, frame: Any) -> None:

@@ -17,6 +17,7 @@ Results do not depend on the chunk size (see methods.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -55,6 +56,7 @@ from merge_tools.io import (
 )
 from merge_tools.recipe import ModelRef, Node, Recipe, canonical_json
 from sd_scripts_surge.models.fileio import SAFETENSORS_DTYPES, CheckpointError, ensure_free_space
+from sd_scripts_surge.models.io import CONFIG_METADATA_KEYS
 
 ENGINE_VERSION = "1"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
@@ -112,6 +114,13 @@ class MergeReport:
     budget: int
     architecture: str
     resumed_keys: int = 0
+
+
+@functools.lru_cache(maxsize=4096)
+def _path_key(path: Path) -> str:
+    """A model file's identity (its resolved path), computed once per path: resolving per key and input
+    cost ~0.1 ms each, which adds up over thousands of keys times many models."""
+    return str(path.resolve())
 
 
 def default_budget() -> int:
@@ -307,7 +316,7 @@ class KeyEvaluator:
         s, e = self.plan.chunks[ci]
         if isinstance(item, ModelRef):
             if stored:
-                raw = self.prefetched.pop(str(item.path.resolve()), None) if ci == 0 else None
+                raw = self.prefetched.pop(_path_key(item.path), None) if ci == 0 else None
                 out = raw if raw is not None else self.read(item, self.plan.key, s, e)
             else:
                 raw = self.value(item, ci, stored=True)
@@ -363,10 +372,10 @@ def _probe_seconds_per_element(
     """Time the recipe on random fp16 inputs of n elements (a multiple of 256): seconds per output element."""
     plan = KeyPlan("probe", (n // 256, 256), "F16", "merge", None, chunk=n)  # rows of 256: cheap per-row work
     gen = torch.Generator().manual_seed(0)
-    data = {str(m.path.resolve()): torch.randn(n, generator=gen).half() for m in models}
+    data = {_path_key(m.path): torch.randn(n, generator=gen).half() for m in models}
 
     def read(ref: ModelRef, key: str, s: int, e: int) -> torch.Tensor:
-        return data[str(ref.path.resolve())][s:e]
+        return data[_path_key(ref.path)][s:e]
 
     t = time.perf_counter()
     ev = KeyEvaluator(plan, root, read, compute, params_of, seed)
@@ -437,7 +446,7 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
         if not complete and (opts.missing_keys == "skip" or base_index not in per):
             skipped.append(key)
             continue
-        sources = {str(m.path.resolve()): (i if i in per else base_index) for i, m in enumerate(models)}
+        sources = {_path_key(m.path): (i if i in per else base_index) for i, m in enumerate(models)}
         if info0.dtype not in _FLOAT_ST:
             src = base_index if base_index in per else min(per)
             plans.append(KeyPlan(key, info0.shape, info0.dtype, "copy", None, sources={"": src}))
@@ -501,6 +510,12 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
         ),
         "sd_merge_architecture": f"{arch.name}/{arch.layout}" if arch.known else "unknown",
     }
+    # the model configs our loader reads (heads and GroupNorm groups are not visible in weights) carry over
+    # from the first input, so a merged tiny or custom model loads with the architecture it was made from
+    first_meta = readers[base_index].header.metadata
+    for config_key in CONFIG_METADATA_KEYS.values():
+        if config_key in first_meta:
+            metadata[config_key] = first_meta[config_key]
     entries = [OutputEntry(p.key, p.out_dtype, p.shape) for p in plans]
     phash = plan_hash(metadata, entries)
     partial, journal_path = side_paths(output)
@@ -552,7 +567,7 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
         last_flush = time.time()
 
     def read(ref: ModelRef, key: str, s: int, e: int) -> torch.Tensor:
-        return readers[plans_by_key[key].sources[str(ref.path.resolve())]].read(key, s, e)
+        return readers[plans_by_key[key].sources[_path_key(ref.path)]].read(key, s, e)
 
     def check_leaf(ref: ModelRef, raw: torch.Tensor, converted: torch.Tensor) -> None:
         # min and max propagate NaN and show ±Inf: both finite iff every element is (one cheap pass over the
@@ -561,7 +576,7 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
             return
         low, high = torch.aminmax(raw)
         if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-            _check_finite(raw, readers[plans_by_key[key_now[0]].sources[str(ref.path.resolve())]], key_now[0])
+            _check_finite(raw, readers[plans_by_key[key_now[0]].sources[_path_key(ref.path)]], key_now[0])
 
     key_now = [""]
 
@@ -583,7 +598,7 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
     def prefetch(p: KeyPlan) -> Future | None:
         if p.mode != "merge" or len(p.chunks) != 1:
             return None
-        leaves = {str(m.path.resolve()): m for m in models}
+        leaves = {_path_key(m.path): m for m in models}
         return pool.submit(lambda: {path: read(m, p.key, 0, p.numel) for path, m in leaves.items()})
 
     try:
