@@ -127,15 +127,16 @@ def permutation_groups(
 
 
 def _rows(t: Tensor, m: Member, size: int) -> Tensor:
-    """The member's elements as rows: [size, rest] (fp64)."""
+    """The member's elements as rows: [size, rest] (fp32: the similarities only rank candidate matches)."""
     moved = t.narrow(m.axis, m.offset, size).movedim(m.axis, 0)
-    return moved.reshape(size, -1).to(torch.float64)
+    return moved.reshape(size, -1).to(torch.float32)
 
 
 def _similarity(part: Part, size: int, a: dict[str, Tensor], b: dict[str, Tensor]) -> np.ndarray:
+    """S[i, j] = Σ_members <A_i, B_j>: fp32 products (4× the fp64 speed) summed in fp64."""
     s = torch.zeros(size, size, dtype=torch.float64)
     for m in part.members:
-        s += _rows(a[m.key], m, size) @ _rows(b[m.key], m, size).T
+        s += (_rows(a[m.key], m, size) @ _rows(b[m.key], m, size).T).double()
     return s.numpy()
 
 
