@@ -191,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--plots", help="folder for objective.png and importance.png")
     au.add_argument("--no-progress", action="store_true", help="no progress bar")
     au.set_defaults(method=None)
+    cv = sub.add_parser("convert", help="dtype casts, .ckpt → .safetensors (--allow-pickle), single file ↔ diffusers")
+    cv.add_argument("input", help="a .safetensors / .ckpt single file or a diffusers folder")
+    cv.add_argument("-o", "--output", required=True, help="a .safetensors file or a folder (never the input)")
+    cv.add_argument("--to", choices=["single", "diffusers"], default=None,
+                    help="output layout (default: diffusers when -o has no suffix, else single file)")
+    cv.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="cast float tensors")
+    cv.add_argument("--allow-pickle", action="store_true",
+                    help="read .ckpt/.pt with torch.load(weights_only=True) (off: pickles are refused)")
+    cv.add_argument("--tokenizer-dir", default=None, help="tokenizers for a diffusers output from a single file")
+    cv.set_defaults(method=None)
     return parser
 
 
@@ -269,10 +279,18 @@ def _autombw(args: argparse.Namespace) -> None:
             progress=not args.no_progress)
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from merge_tools.convert import convert
+
+    done = convert(args.input, args.output, to=args.to, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                   tokenizer_dir=args.tokenizer_dir)
+    print(f"wrote {args.output}: {done}")
+
+
 # model utilities beside the merge methods: subcommand → what runs it (errors are reported by main)
 UTILITIES = {"swap": _swap, "prune-ema": _prune_ema, "blocks": _blocks, "inspect": _inspect,
              "extract-lora": _extract_lora, "merge-lora": _merge_lora, "rebasin": _rebasin,
-             "autombw": _autombw}
+             "autombw": _autombw, "convert": _convert}
 
 
 def _sigterm(signum: int, frame: Any) -> None:
