@@ -25,10 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import merge_tools.autombw as am
-    from merge_tools.blocks import SDXL_BLOCKS, Architecture
     from merge_tools.engine import MergeOptions, merge
     from merge_tools.recipe import single_method
     from sd_scripts_surge.models import io
+    from sd_scripts_surge.models.keymap import SDXL_BLOCKS, Architecture
     from tests.test_models_io import tiny_sdxl
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-autombw-"))

@@ -31,10 +31,10 @@ import toml
 import torch
 from tqdm import tqdm
 
-from merge_tools.blocks import Architecture, detect_architecture
 from merge_tools.engine import MergeOptions, merge
 from merge_tools.io import TensorReader
 from merge_tools.recipe import RecipeError, load_recipe, parse_recipe
+from sd_scripts_surge.models.keymap import Architecture, detect_architecture
 
 COARSE = {"BASE": "BASE", "IN": "IN", "M": "M", "OUT": "OUT"}
 

@@ -14,8 +14,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from merge_tools.blocks import block_of, detect_architecture
 from sd_scripts_surge.models.fileio import read_safetensors_header
+from sd_scripts_surge.models.keymap import block_of, detect_architecture
 
 COMPONENTS = (
     ("model.diffusion_model.", "unet"), ("cond_stage_model.transformer.", "text_encoder_1"),

@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{spec.name:18s} {inputs:18s} {params}\n{'':18s} {spec.summary}")
         return 0
     if args.command == "presets":
-        from merge_tools.blocks import PRESETS, SD1_BLOCKS, SDXL_BLOCKS, preset_weights
+        from sd_scripts_surge.models.keymap import PRESETS, SD1_BLOCKS, SDXL_BLOCKS, preset_weights
 
         for name in PRESETS:
             for arch_name, blocks in (("sd1", SD1_BLOCKS), ("sdxl", SDXL_BLOCKS)):

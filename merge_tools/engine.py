@@ -35,15 +35,6 @@ import torch
 from tqdm import tqdm
 
 from merge_tools import methods
-from merge_tools.blocks import (
-    Architecture,
-    BlockWeights,
-    ElementalRule,
-    block_of,
-    detect_architecture,
-    elemental_value,
-    parse_elemental,
-)
 from merge_tools.io import (
     Journal,
     OutputEntry,
@@ -57,6 +48,15 @@ from merge_tools.io import (
 from merge_tools.recipe import ModelRef, Node, Recipe, canonical_json
 from sd_scripts_surge.models.fileio import SAFETENSORS_DTYPES, CheckpointError, ensure_free_space
 from sd_scripts_surge.models.io import CONFIG_METADATA_KEYS
+from sd_scripts_surge.models.keymap import (
+    Architecture,
+    BlockWeights,
+    ElementalRule,
+    block_of,
+    detect_architecture,
+    elemental_value,
+    parse_elemental,
+)
 
 ENGINE_VERSION = "1"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}

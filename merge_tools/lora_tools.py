@@ -30,9 +30,9 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm import tqdm
 
-from merge_tools.blocks import block_of, detect_architecture
 from merge_tools.io import TensorReader, copy_tensors, finalize, side_paths
 from sd_scripts_surge.models.fileio import CheckpointError, read_safetensors_header
+from sd_scripts_surge.models.keymap import block_of, detect_architecture
 from sd_scripts_surge.models.lora_keys import LoraKeyMap, LoraTarget, checkpoint_lora_keys
 
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")

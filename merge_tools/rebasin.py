@@ -35,9 +35,9 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from tqdm import tqdm
 
-from merge_tools.blocks import detect_architecture
 from merge_tools.io import TensorReader, copy_tensors
 from sd_scripts_surge.models.fileio import CheckpointError
+from sd_scripts_surge.models.keymap import detect_architecture
 
 UNET = "model.diffusion_model."
 REBASIN_PARAMS = ("head_dim", "heads", "norm_groups")

@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from merge_tools.block_map import component_of
-from merge_tools.blocks import detect_architecture
 from merge_tools.io import TensorReader, copy_tensors
 from sd_scripts_surge.models.fileio import CheckpointError
+from sd_scripts_surge.models.keymap import detect_architecture
 
 ROLES = {"te": ("text_encoder_1", "text_encoder"), "te2": ("text_encoder_2",), "vae": ("vae",)}
 

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merge_tools.autombw import autombw, block_groups
-from merge_tools.blocks import SDXL_BLOCKS, Architecture
 from merge_tools.cli import main as sd_merge
 from merge_tools.engine import MergeOptions, merge
 from merge_tools.recipe import load_recipe, single_method
 from sd_scripts_surge.models import io
+from sd_scripts_surge.models.keymap import SDXL_BLOCKS, Architecture
 from tests.test_models_io import tiny_sdxl
 
 TARGET = {"BASE": 0.2, "IN": 0.8, "M": 0.5, "OUT": 0.3}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from merge_tools.blocks import SD1_BLOCKS, SDXL_BLOCKS, UNKNOWN, BlockWeights, block_of, detect_architecture
+from sd_scripts_surge.models.keymap import SD1_BLOCKS, SDXL_BLOCKS, UNKNOWN, BlockWeights, block_of, detect_architecture
 
 DATA = Path(__file__).parent / "data"
 README = Path(__file__).resolve().parents[1] / "merge_tools" / "README.md"

@@ -11,11 +11,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merge_tools import methods
-from merge_tools.blocks import SD1_BLOCKS, SDXL_BLOCKS, Architecture, elemental_value, parse_elemental, preset_weights
 from merge_tools.engine import MergeOptions, merge
 from merge_tools.methods import ChunkContext, get, uniform_for
 from merge_tools.peer_methods import breadcrumb_counts, crossover_filter
 from merge_tools.recipe import single_method
+from sd_scripts_surge.models.keymap import (
+    SD1_BLOCKS,
+    SDXL_BLOCKS,
+    Architecture,
+    elemental_value,
+    parse_elemental,
+    preset_weights,
+)
 
 
 def t(*values: float) -> torch.Tensor:

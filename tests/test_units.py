@@ -162,3 +162,23 @@ def test_fingerprint_changes_with_map():
     unet = build_tiny_unet(0)
     assert mbw_unit_map(unet).fingerprint() == mbw_unit_map(build_tiny_unet(1)).fingerprint()
     assert mbw_unit_map(unet).fingerprint() != fine_unit_map(unet).fingerprint()
+
+
+@pytest.mark.parametrize("which", ["sdxl", "sd1"])
+def test_unit_map_and_merge_key_map_agree_on_every_parameter(which, request):
+    """One block table: the surge unit of every UNet parameter is the MBW block models/keymap gives its key."""
+    from sd_scripts_surge.models.keymap import block_of, detect_architecture
+
+    unet = request.getfixturevalue(which)
+    shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    arch = detect_architecture({**shapes, **({"add_embedding.linear_1.weight": (1, 1)} if which == "sdxl" else {})})
+    unit_of = unit_of_module_path(mbw_unit_map(unet))
+    checked = 0
+    for key in shapes:
+        unit = unit_of(key.rsplit(".", 1)[0])
+        if unit in (None, "out"):  # the final norm + conv: its own unit here, the last OUT block in MBW
+            assert block_of(key, arch) == arch.blocks[-1] or unit is None, key
+            continue
+        assert block_of(key, arch) == unit, (key, unit, block_of(key, arch))
+        checked += 1
+    assert checked > 100

@@ -20,10 +20,10 @@ from typing import Any
 import toml
 
 from merge_tools import methods as merge_methods
-from merge_tools.blocks import PRESETS, detect_architecture, preset_weights
 from sd_scripts_surge.config import HELP, ConfigError, build_parser, read_config_file, write_config_file
 from sd_scripts_surge.gui.runner import Job, progress_html
 from sd_scripts_surge.models.fileio import CheckpointError, read_safetensors_header
+from sd_scripts_surge.models.keymap import PRESETS, detect_architecture, preset_weights
 from sd_scripts_surge.training.optim_registry import OPTIMIZER_NAMES, SCHEDULER_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,10 @@
-"""Architecture detection by key set, and the key → MBW block map (supermerger's convention).
+"""The one key map: architecture detection by key set, MBW block tables and the key → block map
+(supermerger's convention), MBW presets and elemental rules.
+
+Used by the merge engine and its MBW weights (merge_tools), `sd-merge blocks`/`inspect`, LoRA extraction
+(per-block energy, with models/lora_keys for kohya names), AutoMBW and the GUI's block sliders. The surge
+unit map (surge/units.py, which walks the diffusers module tree) names the same blocks: a test checks
+that every UNet parameter's unit is the block this module gives its key.
 
 Blocks
 - SD1 / SD2 (26): BASE, IN00–IN11, M00, OUT00–OUT11.   SDXL (20): BASE, IN00–IN08, M00, OUT00–OUT08.
