@@ -1,8 +1,8 @@
 """`sd-merge inspect M... [--base B] [--json out.json] [--out DIR]`: how a set of models relates, block by block.
 
 Deltas τ_i = θ_i − ref, where ref is `--base` or, without one, the mean of the models. Per MBW block (the
-architecture's table in sd_scripts_surge/models/keymap.py; keys outside every block count as "other"; "ALL" is the whole model) and per
-pair of models:
+architecture's table in sd_scripts_surge/models/keymap.py; keys outside every block count as "other"; "ALL" is
+the whole model) and per pair of models:
 - cosine(τ_i, τ_j) and L2 ‖τ_i − τ_j‖ = √(G_ii + G_jj − 2 G_ij) from the Gram matrix G of the deltas (fp64);
 - sign-conflict rate: among entries where both deltas are non-zero, the fraction with opposite signs;
 and per model: ‖θ_i‖, ‖τ_i‖ and the count of NaN/Inf entries, its architecture and dtypes.

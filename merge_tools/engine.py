@@ -391,172 +391,229 @@ def plan_hash(metadata: dict[str, str], entries: Sequence[OutputEntry]) -> str:
     return h.hexdigest()
 
 
-def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | None = None) -> MergeReport:
-    """Run a recipe and write the result to `output` (safetensors). See the module docstring."""
-    opts = options or MergeOptions()
-    log = opts.log
+@dataclass
+class MergePlan:
+    """Everything decided before the first byte is written: inputs (open), per-key plans, chunking, the
+    output layout and its journal identity. `close()` releases the input files."""
+
+    root: Node
+    output: Path
+    opts: MergeOptions
+    models: list[ModelRef]
+    readers: list[TensorReader]
+    table: dict[str, dict[int, Any]]
+    arch: Architecture
+    compute: torch.dtype
+    plans: list[KeyPlan] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    entries: list[OutputEntry] = field(default_factory=list)
+    phash: str = ""
+    budget: int = 0
+    baseline: int = 0
+    per_element: int = 0
+    work: int = 0
+    peak_work: int = 0
+    peak_chunk: int = 0
+    _params: dict[tuple[int, str | None, str | None], dict[str, Any]] = field(default_factory=dict)
+    _elemental: bool = False
+
+    @property
+    def merge_plans(self) -> list[KeyPlan]:
+        return [p for p in self.plans if p.mode == "merge"]
+
+    def params_for(self, block: str | None, key: str | None = None) -> Callable[[Node], dict[str, Any]]:
+        """Resolved node parameters for a block (and a key, where elemental rules exist), cached."""
+        key = key if self._elemental else None
+
+        def get(node: Node) -> dict[str, Any]:
+            ck = (id(node), block, key)
+            if ck not in self._params:
+                self._params[ck] = _resolve_node_params(node, self.arch, block, key)
+            return self._params[ck]
+
+        return get
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+
+def plan_merge(recipe: Recipe, output: str | os.PathLike, opts: MergeOptions) -> MergePlan:
+    """Validate the inputs and the recipe, plan every key and its chunks under the memory budget, and fix
+    the output layout. Nothing is written; a failure closes what it opened."""
     output = Path(output)
-    t0 = time.time()
     if opts.output_dtype not in ("fp16", "bf16", "fp32"):
         raise ValueError(f"output dtype must be fp16, bf16 or fp32, not {opts.output_dtype!r}")
     if opts.compute_dtype not in ("fp64", "fp32"):
         raise ValueError(f"compute dtype must be fp64 or fp32, not {opts.compute_dtype!r}")
-    compute = DTYPES[opts.compute_dtype]
-    out_st = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}[opts.output_dtype]
     root = recipe.root
     models = _model_list(root)
     if any(m.derive is not None for m in models):  # recipe rebasin nodes: align first (cached by content)
         from merge_tools.rebasin import materialize
 
-        materialize(models, log)
-
-    # 1. validate everything before any work
+        materialize(models, opts.log)
     readers, table = validate_inputs(models, output, opts.missing_keys)
-    if opts.check_finite == "pre":
-        log("checking every input for NaN/Inf …")
-        scan_finite(readers)
-    base_index = 0
-    shapes0 = {k: info.shape for k, info in readers[base_index].header.tensors.items()}
-    arch = detect_architecture(shapes0)
+    try:
+        shapes0 = {k: info.shape for k, info in readers[0].header.tensors.items()}
+        plan = MergePlan(root, output, opts, models, readers, table, detect_architecture(shapes0),
+                         DTYPES[opts.compute_dtype])
+        plan._elemental = any(isinstance(v, dict) and "elemental" in v for n in root.nodes() for v in n.params.values())
+        if opts.check_finite == "pre":
+            opts.log("checking every input for NaN/Inf …")
+            scan_finite(readers)
+        for node in root.nodes():  # surface MBW errors (wrong length, unknown arch) before any work
+            plan.params_for(None)(node)
+            _resolve_node_params(node, plan.arch, plan.arch.blocks[0] if plan.arch.known else None)
+        _plan_keys(plan)
+        _plan_chunks(plan)
+        _plan_output(plan)
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    return plan
 
-    # 2. plan every key
-    params_cache: dict[tuple[int, str | None, str | None], dict[str, Any]] = {}
-    elemental = any(isinstance(v, dict) and "elemental" in v for n in root.nodes() for v in n.params.values())
 
-    def params_for(block: str | None, key: str | None = None) -> Callable[[Node], dict[str, Any]]:
-        key = key if elemental else None  # per-key parameters only where elemental rules exist
-
-        def get(node: Node) -> dict[str, Any]:
-            ck = (id(node), block, key)
-            if ck not in params_cache:
-                params_cache[ck] = _resolve_node_params(node, arch, block, key)
-            return params_cache[ck]
-
-        return get
-
-    for node in root.nodes():  # surface MBW errors (wrong length, unknown arch) before any work
-        params_for(None)(node)
-        _resolve_node_params(node, arch, arch.blocks[0] if arch.known else None)
-
-    plans: list[KeyPlan] = []
+def _plan_keys(plan: MergePlan) -> None:
+    """Each key: merged (float, in every input or taken from the base), copied (integers), or left out."""
+    opts, base_index = plan.opts, 0
+    out_st = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}[opts.output_dtype]
     skipped: list[str] = []
-    for key, per in table.items():
+    for key, per in plan.table.items():
         info0 = next(iter(per.values()))
-        complete = len(per) == len(models)
+        complete = len(per) == len(plan.models)
         if not complete and (opts.missing_keys == "skip" or base_index not in per):
             skipped.append(key)
             continue
-        sources = {_path_key(m.path): (i if i in per else base_index) for i, m in enumerate(models)}
+        sources = {_path_key(m.path): (i if i in per else base_index) for i, m in enumerate(plan.models)}
         if info0.dtype not in _FLOAT_ST:
             src = base_index if base_index in per else min(per)
-            plans.append(KeyPlan(key, info0.shape, info0.dtype, "copy", None, sources={"": src}))
+            plan.plans.append(KeyPlan(key, info0.shape, info0.dtype, "copy", None, sources={"": src}))
             continue
-        plans.append(KeyPlan(key, info0.shape, out_st, "merge", block_of(key, arch), sources=sources))
+        plan.plans.append(KeyPlan(key, info0.shape, out_st, "merge", block_of(key, plan.arch), sources=sources))
     if skipped:
-        log(f"leaving out {len(skipped)} key(s) not present in every input (--missing-keys {opts.missing_keys})")
+        opts.log(f"leaving out {len(skipped)} key(s) not present in every input (--missing-keys {opts.missing_keys})")
 
-    budget = opts.memory_budget or default_budget()
-    baseline = psutil.Process().memory_info().rss
-    csize = compute.itemsize if hasattr(compute, "itemsize") else torch.empty(0, dtype=compute).element_size()
-    itemsizes = [max((SAFETENSORS_DTYPES[t.dtype][1] for t in r.header.tensors.values()), default=2) for r in readers]
-    per_el = _bytes_per_element(root, itemsizes, csize)
-    merge_plans = [p for p in plans if p.mode == "merge"]
-    needs_topk = bool(merge_plans) and _needs_select_buffer(root, params_for(None))
-    work = budget - baseline - _SLACK
+
+def _plan_chunks(plan: MergePlan) -> None:
+    """Chunk sizes from the memory budget and each method's alignment needs; refuse what cannot fit."""
+    opts, root = plan.opts, plan.root
+    plan.budget = opts.memory_budget or default_budget()
+    plan.baseline = psutil.Process().memory_info().rss
+    csize = torch.empty(0, dtype=plan.compute).element_size()
+    itemsizes = [max((SAFETENSORS_DTYPES[t.dtype][1] for t in r.header.tensors.values()), default=2)
+                 for r in plan.readers]
+    per_el = plan.per_element = _bytes_per_element(root, itemsizes, csize)
+    merge_plans = plan.merge_plans
+    needs_select = bool(merge_plans) and _needs_select_buffer(root, plan.params_for(None))
+    work = plan.work = plan.budget - plan.baseline - _SLACK
     if work <= 0:
         raise MemoryError(
-            f"memory budget {format_size(budget)} is below what this process already uses "
-            f"({format_size(baseline)}); raise --memory-budget"
+            f"memory budget {format_size(plan.budget)} is below what this process already uses "
+            f"({format_size(plan.baseline)}); raise --memory-budget"
         )
-    peak_work = 0
-    peak_chunk = 0
     for p in merge_plans:
-        p.align = _align(root, p.shape, params_for(p.block, p.key))
-        if p.numel * per_el <= work:  # one chunk: inputs read once; a top-k copy is among the temporaries
+        p.align = _align(root, p.shape, plan.params_for(p.block, p.key))
+        if p.numel * per_el <= work:  # one chunk: inputs read once; a selection copy is among the temporaries
             p.chunk = p.numel
-        else:  # chunked: TIES also holds one model's |τ| for the whole tensor (fp64) to select its threshold
-            reserve = p.numel * 8 if needs_topk else 0
+        else:  # chunked: an exact selection (TIES' top-k) also holds one model's |τ| of the tensor in fp64
+            reserve = p.numel * 8 if needs_select else 0
             avail = work - reserve
             if avail < per_el * p.align:
                 raise MemoryError(
                     f"tensor {p.key!r} ({p.numel:,} elements) needs at least "
-                    f"{format_size(reserve + per_el * p.align + baseline + _SLACK)} with this recipe; "
-                    f"raise --memory-budget (now {format_size(budget)})"
+                    f"{format_size(reserve + per_el * p.align + plan.baseline + _SLACK)} with this recipe; "
+                    f"raise --memory-budget (now {format_size(plan.budget)})"
                 )
             p.chunk = max((avail // per_el) // p.align, 1) * p.align
         if opts.max_chunk_elements and p.chunk > opts.max_chunk_elements:
             p.chunk = max(opts.max_chunk_elements // p.align, 1) * p.align
         chunked = p.chunk < p.numel
-        peak_work = max(peak_work, min(p.chunk, p.numel) * per_el + (p.numel * 8 if chunked and needs_topk else 0))
-        peak_chunk = max(peak_chunk, min(p.chunk, p.numel))
+        plan.peak_work = max(plan.peak_work,
+                             min(p.chunk, p.numel) * per_el + (p.numel * 8 if chunked and needs_select else 0))
+        plan.peak_chunk = max(plan.peak_chunk, min(p.chunk, p.numel))
 
-    # 3. metadata, output layout, journal identity
+
+def _plan_output(plan: MergePlan) -> None:
+    """Output metadata (recipe, input hashes, options, architecture, carried model configs), layout, plan hash."""
+    opts, models = plan.opts, plan.models
     fingerprints = [file_fingerprint(m.path) for m in models]
-    metadata = {
+    plan.metadata = {
         "sd_merge_version": ENGINE_VERSION,
-        "sd_merge_recipe": canonical_json(root),
+        "sd_merge_recipe": canonical_json(plan.root),
         "sd_merge_inputs": json.dumps(
             [{"name": m.name, "file": m.path.name, "sha256_sampled": fp} for m, fp in zip(models, fingerprints)]
         ),
         "sd_merge_hash_method": "sha256(file size + full header + 16 evenly spaced 64 KiB data samples)",
         "sd_merge_options": json.dumps(
-            {
-                "compute_dtype": opts.compute_dtype,
-                "output_dtype": opts.output_dtype,
-                "seed": opts.seed,
-                "missing_keys": opts.missing_keys,
-            },
+            {"compute_dtype": opts.compute_dtype, "output_dtype": opts.output_dtype, "seed": opts.seed,
+             "missing_keys": opts.missing_keys},
             sort_keys=True,
         ),
-        "sd_merge_architecture": f"{arch.name}/{arch.layout}" if arch.known else "unknown",
+        "sd_merge_architecture": f"{plan.arch.name}/{plan.arch.layout}" if plan.arch.known else "unknown",
     }
     # the model configs our loader reads (heads and GroupNorm groups are not visible in weights) carry over
     # from the first input, so a merged tiny or custom model loads with the architecture it was made from
-    first_meta = readers[base_index].header.metadata
+    first_meta = plan.readers[0].header.metadata
     for config_key in CONFIG_METADATA_KEYS.values():
         if config_key in first_meta:
-            metadata[config_key] = first_meta[config_key]
-    entries = [OutputEntry(p.key, p.out_dtype, p.shape) for p in plans]
-    phash = plan_hash(metadata, entries)
-    partial, journal_path = side_paths(output)
+            plan.metadata[config_key] = first_meta[config_key]
+    plan.entries = [OutputEntry(p.key, p.out_dtype, p.shape) for p in plan.plans]
+    plan.phash = plan_hash(plan.metadata, plan.entries)
 
-    # 4. estimate, disk space
-    in_bytes = sum(sum(info.end - info.start for info in per.values()) for per in table.values())
-    out_bytes = sum(e.nbytes for e in entries)
+
+def estimate_merge(plan: MergePlan) -> float:
+    """Log what the merge will read, write, hold and take (compute timed on a probe); returns seconds."""
+    opts, root = plan.opts, plan.root
+    in_bytes = sum(sum(info.end - info.start for info in per.values()) for per in plan.table.values())
+    out_bytes = sum(e.nbytes for e in plan.entries)
     passes = 1 + (2 if any(n.spec.prepare for n in root.nodes()) else 0)
-    est_peak = baseline + _SLACK + peak_work
-    threads = opts.threads or os.cpu_count() or 1
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(opts.threads or os.cpu_count() or 1)
     try:
-        probe_n = max(4096, min(1 << 20, work // per_el)) // 256 * 256
-        rate = _probe_seconds_per_element(root, models, compute, params_for(None), opts.seed, probe_n)
+        probe_n = max(4096, min(1 << 20, plan.work // plan.per_element)) // 256 * 256
+        rate = _probe_seconds_per_element(root, plan.models, plan.compute, plan.params_for(None), opts.seed, probe_n)
     finally:
         torch.set_num_threads(old_threads)
+    merge_plans = plan.merge_plans
     work_elements = sum(p.numel * (1.0 if p.chunk >= p.numel else 2.5) for p in merge_plans)
     est_s = rate * work_elements + in_bytes / 1.0e9
-    log(
-        f"sd-merge: {root.method} over {len(models)} model(s), architecture {metadata['sd_merge_architecture']}, "
-        f"{len(merge_plans)} tensors merged + {len(plans) - len(merge_plans)} copied\n"
+    opts.log(
+        f"sd-merge: {root.method} over {len(plan.models)} model(s), architecture "
+        f"{plan.metadata['sd_merge_architecture']}, {len(merge_plans)} tensors merged + "
+        f"{len(plan.plans) - len(merge_plans)} copied\n"
         f"  reads ≈ {format_size(in_bytes)} (up to {passes} passes on chunked tensors), "
         f"writes {format_size(out_bytes)}\n"
-        f"  memory: budget {format_size(budget)}, estimated peak {format_size(est_peak)} "
-        f"(largest chunk {peak_chunk:,} elements), compute {opts.compute_dtype}, output {opts.output_dtype}\n"
+        f"  memory: budget {format_size(plan.budget)}, estimated peak "
+        f"{format_size(plan.baseline + _SLACK + plan.peak_work)} (largest chunk {plan.peak_chunk:,} elements), "
+        f"compute {opts.compute_dtype}, output {opts.output_dtype}\n"
         f"  time estimate ≈ {est_s / 60:.1f} min (compute timed on a 1M-element probe, reads at ~1 GB/s; "
         "the progress bar refines it)"
     )
-    done, fresh = prepare_resume(partial, journal_path, phash, opts.resume, log)
+    return est_s
+
+
+def run_merge(plan: MergePlan, started: float | None = None) -> MergeReport:
+    """Write the planned output (resuming a journal when asked), then fsync and rename it into place."""
+    opts, root, readers, models, log = plan.opts, plan.root, plan.readers, plan.models, plan.opts.log
+    output, entries, metadata = plan.output, plan.entries, plan.metadata
+    t0 = started if started is not None else time.time()
+    partial, journal_path = side_paths(output)
+    done, fresh = prepare_resume(partial, journal_path, plan.phash, opts.resume, log)
+    out_bytes = sum(e.nbytes for e in entries)
     need = out_bytes + 8 + len(json.dumps(metadata)) - (partial.stat().st_size if not fresh and partial.exists() else 0)
     output.parent.mkdir(parents=True, exist_ok=True)
     ensure_free_space(output.parent, max(need, 0))
 
-    # 5. run
-    torch.set_num_threads(threads)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(opts.threads or os.cpu_count() or 1)
     writer = SafetensorsWriter(partial, entries, metadata, reuse=not fresh)
-    journal = Journal(journal_path, phash)
+    journal = Journal(journal_path, plan.phash)
     journal.open(fresh=fresh)
     pending: list[str] = []
     last_flush = time.time()
+    plans_by_key = {p.key: p for p in plan.plans}
+    key_now = [""]
 
     def flush() -> None:
         nonlocal last_flush
@@ -578,96 +635,81 @@ def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | Non
         if not (math.isfinite(float(low)) and math.isfinite(float(high))):
             _check_finite(raw, readers[plans_by_key[key_now[0]].sources[_path_key(ref.path)]], key_now[0])
 
-    key_now = [""]
-
-    plans_by_key = {p.key: p for p in plans}
-    todo = [p for p in plans if p.key not in done]
+    todo = [p for p in plan.plans if p.key not in done]
     total = sum(e.nbytes for e in entries)
-    bar = tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="merging",
-        disable=not opts.progress,
-        initial=total - sum(OutputEntry(p.key, p.out_dtype, p.shape).nbytes for p in todo),
-    )
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", disable=not opts.progress,
+               initial=total - sum(OutputEntry(p.key, p.out_dtype, p.shape).nbytes for p in todo))
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd-merge-read")
-    peak = baseline
+    leaves = {_path_key(m.path): m for m in models}
+    out_dtype = DTYPES[opts.output_dtype]
+    out_size = torch.empty(0, dtype=out_dtype).element_size()
 
     def prefetch(p: KeyPlan) -> Future | None:
         if p.mode != "merge" or len(p.chunks) != 1:
             return None
-        leaves = {_path_key(m.path): m for m in models}
         return pool.submit(lambda: {path: read(m, p.key, 0, p.numel) for path, m in leaves.items()})
 
+    finished = False
     try:
         nxt = prefetch(todo[0]) if todo else None
         for idx, p in enumerate(todo):
             current, nxt = nxt, (prefetch(todo[idx + 1]) if idx + 1 < len(todo) else None)
             if p.mode == "copy":
                 writer.write_raw(p.key, readers[p.sources[""]].read(p.key).view(torch.uint8).numpy())
+                bar.update(OutputEntry(p.key, p.out_dtype, p.shape).nbytes)
             else:
                 pre = current.result() if current is not None else None
                 key_now[0] = p.key
-                ev = KeyEvaluator(
-                    p,
-                    root,
-                    read,
-                    compute,
-                    params_for(p.block, p.key),
-                    opts.seed,
-                    pre,
-                    check_leaf if opts.check_finite == "stream" else None,
-                )
+                ev = KeyEvaluator(p, root, read, plan.compute, plan.params_for(p.block, p.key), opts.seed, pre,
+                                  check_leaf if opts.check_finite == "stream" else None)
                 ev.prepare()
-                out_dtype = DTYPES[opts.output_dtype]
                 for ci, (s, e) in enumerate(p.chunks):
-                    result = ev.value(root, ci)
-                    writer.write(p.key, s, result.to(out_dtype))
-                    bar.update((e - s) * torch.empty(0, dtype=out_dtype).element_size())
+                    writer.write(p.key, s, ev.value(root, ci).to(out_dtype))
+                    bar.update((e - s) * out_size)
                 del ev
-            if p.mode == "copy":
-                bar.update(OutputEntry(p.key, p.out_dtype, p.shape).nbytes)
             pending.append(p.key)
             if opts.on_key_done is not None:
                 opts.on_key_done(p.key, idx)
             if time.time() - last_flush > _JOURNAL_EVERY_S:
                 flush()
         flush()
+        finished = True
     except BaseException as exc:
         pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
         flush()
-        writer.close()
-        journal.close()
-        torch.set_num_threads(old_threads)
-        if isinstance(exc, CheckpointError):
+        if isinstance(exc, CheckpointError):  # bad input: nothing to resume
+            writer.close()
+            journal.close()
             partial.unlink(missing_ok=True)
             journal_path.unlink(missing_ok=True)
         else:
             log(f"\nmerge interrupted; run the same command with --resume to continue from {journal_path.name}")
         raise
-    pool.shutdown(wait=True)
-    bar.close()
-    writer.close()
-    journal.close()
-    torch.set_num_threads(old_threads)
-    for r in readers:
-        r.close()
+    finally:
+        pool.shutdown(wait=True)
+        bar.close()
+        writer.close()
+        journal.close()
+        torch.set_num_threads(old_threads)
+    assert finished
     finalize(partial, output)
     journal_path.unlink(missing_ok=True)
     seconds = time.time() - t0
-    peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # true high-water mark (Linux: KiB)
-    log(f"wrote {output} in {seconds:.1f} s, peak RSS {format_size(peak)} (budget {format_size(budget)})")
-    return MergeReport(
-        output,
-        len(plans),
-        len(merge_plans),
-        len(plans) - len(merge_plans),
-        seconds,
-        peak,
-        budget,
-        metadata["sd_merge_architecture"],
-        resumed_keys=len(done),
-    )
+    peak = max(plan.baseline, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # high-water mark (KiB)
+    log(f"wrote {output} in {seconds:.1f} s, peak RSS {format_size(peak)} (budget {format_size(plan.budget)})")
+    merged = len(plan.merge_plans)
+    return MergeReport(output, len(plan.plans), merged, len(plan.plans) - merged, seconds, peak, plan.budget,
+                       metadata["sd_merge_architecture"], resumed_keys=len(done))
+
+
+def merge(recipe: Recipe, output: str | os.PathLike, options: MergeOptions | None = None) -> MergeReport:
+    """Run a recipe and write the result to `output` (safetensors): plan → estimate → run; the inputs are
+    closed on every path. See the module docstring."""
+    opts = options or MergeOptions()
+    t0 = time.time()
+    plan = plan_merge(recipe, output, opts)
+    try:
+        estimate_merge(plan)
+        return run_merge(plan, t0)
+    finally:
+        plan.close()

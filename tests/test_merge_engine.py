@@ -341,3 +341,27 @@ def test_disk_space_is_checked_before_writing(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(OSError, match="not enough disk space"):
         run("soup", paths, out)
     assert not out.exists() and not (tmp_path / ".o.safetensors.partial").exists()
+
+
+def test_inputs_are_closed_on_every_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """plan → estimate → run: the input files are closed after success, a planning error and a run error."""
+    opened = []
+    real = engine.validate_inputs
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        readers, table = real(*args, **kwargs)
+        opened.extend(readers)
+        return readers, table
+
+    monkeypatch.setattr(engine, "validate_inputs", spy)
+    paths = make_models(tmp_path, 2)
+    run("soup", paths, tmp_path / "ok.safetensors")
+    with pytest.raises(MemoryError):
+        run("soup", paths, tmp_path / "small.safetensors", memory_budget=1 << 20)
+    bad = load_file(str(paths[1]))
+    bad["w.weight"][0, 0] = float("nan")
+    save_file(bad, str(paths[1]))
+    with pytest.raises(CheckpointError):
+        run("soup", paths, tmp_path / "nan.safetensors")
+    assert len(opened) == 9 and all(r._fd == -1 for r in opened)
+    assert not list(tmp_path.glob(".nan.safetensors*"))  # a bad input leaves no partial file or journal
