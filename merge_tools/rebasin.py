@@ -17,7 +17,8 @@ The residual stream (block input/output channels) is not permuted: skip connecti
 resolution level, encoder to decoder. Every tensor is touched by one group per axis, so the groups are
 independent and each is solved exactly: for block-structured groups an outer assignment over blocks whose
 scores are the inner assignments' optima (scipy's linear_sum_assignment, maximising Σ <A, P·B>).
-Memory: one group's tensors of both models at a time; the output is streamed (merge_tools.io.copy_tensors).
+Memory: one group's tensors of both models at a time; each group's tensors are written as soon as its
+permutation is solved, so B is read once and the output is streamed.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from tqdm import tqdm
 
-from merge_tools.io import TensorReader, copy_tensors
+from merge_tools.io import OutputEntry, SafetensorsWriter, TensorReader, finalize, side_paths
 from sd_scripts_surge.models.fileio import CheckpointError
 from sd_scripts_surge.models.keymap import detect_architecture
 
@@ -220,38 +221,53 @@ def rebasin(
                             f"{m.key}: shape {shapes_a.get(m.key)} in {a} vs {shapes_b[m.key]} in {b}; "
                             "rebasin needs two models of the same architecture"
                         )
+        owner: dict[str, str] = {}
+        for g in groups:
+            for key in {m.key for part in g.parts for m in part.members}:
+                if key in owner:
+                    raise RuntimeError(f"{key} is in two permutation groups ({owner[key]}, {g.name})")
+                owner[key] = g.name
         report = RebasinReport()
-        index: dict[str, dict[int, np.ndarray]] = {}
-        for g in tqdm(groups, desc="rebasin", unit="group", disable=not progress):
-            keys = {m.key for part in g.parts for m in part.members}
-            ta = {k: _read(ra, k) for k in keys}
-            tb = {k: _read(rb, k) for k in keys}
-            sims = [_similarity(part, g.size, ta, tb) for part in g.parts]
-            perms = solve_group(g, sims)
-            before = float(sum(np.trace(s) for s in sims))
-            after = float(sum(s[np.arange(g.size), p].sum() for s, p in zip(sims, perms)))
-            report.groups.append(GroupResult(g.name, perms, before, after))
-            for part, perm in zip(g.parts, perms):
-                for m in part.members:
-                    axes = index.setdefault(m.key, {})
-                    idx = axes.setdefault(m.axis, np.arange(shapes_b[m.key][m.axis]))
-                    idx[m.offset : m.offset + g.size] = m.offset + perm
-        moved = {k: axes for k, axes in index.items()
-                 if any((idx != np.arange(idx.size)).any() for idx in axes.values())}
-
-        def make(axes: dict[int, np.ndarray]) -> Callable[[Tensor], Tensor]:
-            def apply(t: Tensor) -> Tensor:
-                for axis, idx in axes.items():
-                    t = t.index_select(axis, torch.from_numpy(idx))
-                return t
-
-            return apply
-
         metadata = dict(rb.header.metadata) | {
-            "sd_merge_rebasin": json.dumps({"reference": a.name, "groups": len(groups), "permuted": report.changed})
+            "sd_merge_rebasin": json.dumps({"reference": a.name, "groups": len(groups)})
         }
-        transforms = {k: make(v) for k, v in moved.items()}
-        copy_tensors(output, {k: (rb, k) for k in shapes_b}, metadata, transforms=transforms)
+        entries = [OutputEntry(k, info.dtype, tuple(info.shape)) for k, info in rb.header.tensors.items()]
+        partial, _ = side_paths(output)
+        writer = SafetensorsWriter(partial, entries, metadata)
+        try:
+            # each group's tensors are written as soon as its permutation is known (B is read once)
+            for g in tqdm(groups, desc="rebasin", unit="group", disable=not progress):
+                keys = {m.key for part in g.parts for m in part.members}
+                ta = {k: _read(ra, k) for k in keys}
+                tb = {k: _read(rb, k) for k in keys}
+                sims = [_similarity(part, g.size, ta, tb) for part in g.parts]
+                perms = solve_group(g, sims)
+                before = float(sum(np.trace(s) for s in sims))
+                after = float(sum(s[np.arange(g.size), p].sum() for s, p in zip(sims, perms)))
+                report.groups.append(GroupResult(g.name, perms, before, after))
+                index: dict[str, dict[int, np.ndarray]] = {}
+                for part, perm in zip(g.parts, perms):
+                    for m in part.members:
+                        idx = index.setdefault(m.key, {}).setdefault(m.axis, np.arange(shapes_b[m.key][m.axis]))
+                        idx[m.offset : m.offset + g.size] = m.offset + perm
+                for key, axes in index.items():
+                    t = tb[key]
+                    for axis, idx in axes.items():
+                        if (idx != np.arange(idx.size)).any():
+                            t = t.index_select(axis, torch.from_numpy(idx))
+                    writer.write(key, 0, t.contiguous().reshape(-1))
+            for key, info in rb.header.tensors.items():  # the rest: copied as stored, chunk by chunk
+                if key in owner:
+                    continue
+                for start in range(0, info.numel, 1 << 24):
+                    writer.write(key, start, rb.read(key, start, min(info.numel, start + (1 << 24))))
+            writer.sync()
+            writer.close()
+            finalize(partial, output)
+        except BaseException:
+            writer.close()
+            partial.unlink(missing_ok=True)
+            raise
     finally:
         ra.close()
         rb.close()
