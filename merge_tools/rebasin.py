@@ -134,11 +134,11 @@ def _rows(t: Tensor, m: Member, size: int) -> Tensor:
 
 
 def _similarity(part: Part, size: int, a: dict[str, Tensor], b: dict[str, Tensor]) -> np.ndarray:
-    """S[i, j] = Σ_members <A_i, B_j>: fp32 products (4× the fp64 speed) summed in fp64."""
-    s = torch.zeros(size, size, dtype=torch.float64)
-    for m in part.members:
-        s += (_rows(a[m.key], m, size) @ _rows(b[m.key], m, size).T).double()
-    return s.numpy()
+    """S[i, j] = Σ_members <A_i, B_j> as one fp32 GEMM of the members' rows side by side (the similarities only
+    rank candidate matches; fp32 runs at twice to four times the fp64 speed and the sum needs no extra pass)."""
+    rows_a = torch.cat([_rows(a[m.key], m, size) for m in part.members], dim=1)
+    rows_b = torch.cat([_rows(b[m.key], m, size) for m in part.members], dim=1)
+    return (rows_a @ rows_b.T).numpy()
 
 
 def _assign(score: np.ndarray) -> tuple[np.ndarray, float]:
