@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe.write_text(f'[models]\na = "{a}"\nb = "{b}"\n[nodes.mix]\nmethod = "weighted_pair"\ninputs = ["a", "b"]\n')
 
     spent = {"merge": 0.0, "reward": 0.0}
-    real_merge, real_reward = am.merge, am.ProbeReward.__call__
+    real_merge, real_reward = am.run_merge, am.ProbeReward.__call__
 
     def timed_merge(*a_, **k):  # noqa: ANN002, ANN003, ANN202
         t = time.perf_counter()
@@ -60,15 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             spent["reward"] += time.perf_counter() - t
 
-    am.merge, am.ProbeReward.__call__ = timed_merge, timed_reward
+    am.run_merge, am.ProbeReward.__call__ = timed_merge, timed_reward
     t0 = time.perf_counter()
     result = am.autombw(recipe, tmp / "best.toml", reference=ref, trials=args.trials, groups=args.groups,
                         progress=False, log=lambda s: None)
     wall = time.perf_counter() - t0
     print(f"{args.trials} trials ({args.groups}, {len(groups) if args.groups == 'coarse' else len(SDXL_BLOCKS)} "
           f"weights) in {wall:.1f} s: {wall / args.trials:.2f} s/trial "
-          f"(merge {spent['merge'] / args.trials:.2f} s, probe reward {spent['reward'] / args.trials:.2f} s, "
-          f"sampler + study {(wall - spent['merge'] - spent['reward']) / args.trials:.2f} s); "
+          f"(merge run {spent['merge'] / args.trials:.2f} s, probe reward {spent['reward'] / args.trials:.2f} s, "
+          f"merge planning + sampler + study {(wall - spent['merge'] - spent['reward']) / args.trials:.2f} s); "
           f"best reward {result.best_value:.4g}")
     return 0
 

@@ -31,7 +31,7 @@ import toml
 import torch
 from tqdm import tqdm
 
-from merge_tools.engine import MergeOptions, merge
+from merge_tools.engine import MergeOptions, plan_merge, run_merge
 from merge_tools.io import TensorReader
 from merge_tools.recipe import RecipeError, load_recipe, parse_recipe
 from sd_scripts_surge.models.keymap import Architecture, detect_architecture
@@ -203,6 +203,7 @@ def autombw(
         return new
 
     study_path = Path(study_path) if study_path else output.with_suffix(".study.sqlite")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=f"autombw:{recipe_path.name}:{node_name}.{param}",
         storage=f"sqlite:///{study_path.resolve()}",
@@ -210,7 +211,6 @@ def autombw(
         direction="maximize",
         load_if_exists=True,
     )
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     done = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
     if done == 0:
         default = spec.params[param].default
@@ -223,7 +223,11 @@ def autombw(
     def objective(trial: optuna.Trial) -> float:
         weights = {d: trial.suggest_float(d, low, high) for d in dims}
         merged = work / "trial.safetensors"
-        merge(parse_recipe(recipe_for(weights), recipe_path.parent, str(recipe_path)), merged, opts)
+        plan = plan_merge(parse_recipe(recipe_for(weights), recipe_path.parent, str(recipe_path)), merged, opts)
+        try:  # no estimate step: the same plan runs every trial, its time is known after the first
+            run_merge(plan)
+        finally:
+            plan.close()
         value = float(reward(merged))
         merged.unlink(missing_ok=True)
         if not math.isfinite(value):
