@@ -344,7 +344,7 @@ def extract_lora(
         "ss_network_dim": str(dim) if energy is None and not conv_dim else "Dynamic",
         "ss_network_alpha": str(dim) if energy is None and not conv_dim else "Dynamic",
         "ss_network_args": json.dumps({"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)} if conv_dim else {}),
-        "ss_base_model_version": "sdxl_base_v1-0" if keymap.arch == "sdxl" else "sd_v1",
+        "ss_base_model_version": {"sdxl": "sdxl_base_v1-0", "sd2": "sd_v2"}.get(keymap.arch, "sd_v1"),
         "sd_merge_extract": json.dumps(
             {"tuned": tuned.name, "base": base.name, "dim": dim, "conv_dim": conv_dim, "energy": energy,
              "clamp_quantile": clamp_quantile}

@@ -200,3 +200,20 @@ def test_cli_round_trip(base_file, tmp_path: Path) -> None:
     assert sd_merge(["merge-lora", str(path), f"{lora}:1.0", "-o", str(out), "--dtype", "fp16",
                      "--no-progress"]) == 0
     assert load_file(str(out))[Q_KEY].dtype == torch.float16
+
+
+def test_unet_only_files_work(base_file, tmp_path: Path) -> None:
+    path, _ = base_file
+    unet_only = {k: v for k, v in load_file(str(path)).items() if k.startswith("model.diffusion_model.")}
+    p = tmp_path / "unet.safetensors"
+    save_file(unet_only, str(p))
+    keymap = checkpoint_lora_keys(_shapes(p))
+    assert keymap.arch == "sdxl" and keymap.resolve(Q_NAME).key == Q_KEY
+    assert not any(t.component != "unet" for t in keymap.targets.values())
+    down, up = torch.ones(1, unet_only[Q_KEY].shape[1]), torch.ones(unet_only[Q_KEY].shape[0], 1)
+    lora = tmp_path / "q.safetensors"
+    save_file({f"{Q_NAME}.lora_down.weight": down, f"{Q_NAME}.lora_up.weight": up,
+               f"{Q_NAME}.alpha": torch.tensor(1.0)}, str(lora))
+    out = tmp_path / "unet_merged.safetensors"
+    merge_lora(p, [(lora, 1.0)], out, progress=False, log=lambda s: None)
+    assert torch.allclose(load_file(str(out))[Q_KEY], unet_only[Q_KEY] + 1.0)

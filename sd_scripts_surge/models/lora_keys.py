@@ -30,7 +30,9 @@ from sd_scripts_surge.models.convert import (
     unet_ldm_to_diffusers_map,
 )
 from sd_scripts_surge.models.fileio import CheckpointError
-from sd_scripts_surge.models.io import detect_arch
+from sd_scripts_surge.models.keymap import detect_architecture
+
+SD2_TE_PREFIX = "cond_stage_model.model."
 
 _RESNET_SUFFIXES = (".in_layers.2", ".out_layers.3", ".emb_layers.1", ".skip_connection", ".op", ".conv")
 _CLIP_MODULE = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
@@ -133,12 +135,24 @@ def _open_clip_targets(shapes: Mapping[str, Sequence[int]], prefix: str, lora_pr
 
 
 def checkpoint_lora_keys(shapes: Mapping[str, Sequence[int]]) -> LoraKeyMap:
-    """Every LoRA-able module of an SD1 or SDXL single-file checkpoint (key → shape), by kohya name."""
-    arch = detect_arch(shapes)
-    targets, aliases = _unet_targets(shapes, arch)
+    """Every LoRA-able module of an SD1, SD2 or SDXL single-file checkpoint (key → shape), by kohya name.
+
+    The architecture comes from the UNet's keys and shapes (models/keymap), so UNet-only files work too;
+    text-encoder targets are listed for the encoders the file holds.
+    """
+    found = detect_architecture(shapes)
+    if found.name not in ("sd1", "sd2", "sdxl") or found.layout != "ldm":
+        raise CheckpointError(
+            "LoRA tools read SD1/SD2/SDXL single files (ldm/sgm layout); "
+            f"this one is {found.name}/{found.layout or '?'}"
+        )
+    arch = found.name
+    targets, aliases = _unet_targets(shapes, "sdxl" if arch == "sdxl" else "sd1")
     if arch == "sdxl":
         targets += _clip_targets(shapes, SDXL_TE1_PREFIX, "lora_te1", "te1")
         targets += _open_clip_targets(shapes, SDXL_TE2_PREFIX, "lora_te2", "te2")
+    elif arch == "sd2":  # OpenCLIP-H, one encoder: lora_te_*
+        targets += _open_clip_targets(shapes, SD2_TE_PREFIX, "lora_te", "te1")
     else:
         targets += _clip_targets(shapes, SD1_TE1_PREFIX, "lora_te", "te1")
     by_name: dict[str, LoraTarget] = {}
