@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from merge_tools.io import TensorReader, copy_tensors, finalize, side_paths
-from sd_scripts_surge.models.fileio import CheckpointError
+from merge_tools.io import TensorReader, copy_tensors, refuse_overwrite
+from sd_scripts_surge.models.fileio import CheckpointError, save_safetensors_atomic
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp16": ("F16", torch.float16), "bf16": ("BF16", torch.bfloat16), "fp32": ("F32", torch.float32)}
@@ -31,26 +31,13 @@ def _is_pickle(path: Path) -> bool:
 
 
 def _pickle_to_safetensors(src: Path, output: Path, dtype: str | None) -> int:
-    from safetensors.torch import save_file
-
     from sd_scripts_surge.models.io import _load_pickle
 
     tensors = _load_pickle(src)
     if not tensors:
         raise CheckpointError(f"{src}: no tensors in the pickle")
-    out = {}
-    for k, v in tensors.items():
-        v = v.detach().contiguous()
-        if dtype and v.is_floating_point():
-            v = v.to(DTYPES[dtype][1])
-        out[k] = v
-    partial, _ = side_paths(output)
-    try:
-        save_file(out, str(partial), metadata={"sd_merge_converted_from": src.name})
-        finalize(partial, output)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    out = {k: v.to(DTYPES[dtype][1]) if dtype and v.is_floating_point() else v for k, v in tensors.items()}
+    save_safetensors_atomic(out, output, {"sd_merge_converted_from": src.name}, protect=(src,))
     return len(out)
 
 
@@ -66,8 +53,7 @@ def convert(
 ) -> str:
     """Convert `src` into `output`; returns what was done, in words."""
     src, output = Path(src), Path(output)
-    if output.exists() and output.resolve() == src.resolve():
-        raise ValueError(f"{output}: the output would overwrite the input; choose another -o")
+    refuse_overwrite(output, [src])
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
     if not src.exists():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from merge_tools.io import TensorReader, copy_tensors
+from merge_tools.io import TensorReader, copy_tensors, refuse_overwrite
 from sd_scripts_surge.models.fileio import CheckpointError
 
 UNET = "model.diffusion_model."
@@ -30,8 +30,7 @@ def prune_ema(model: str | Path, output: str | Path, keep: str = "model") -> dic
     if keep not in ("model", "ema"):
         raise ValueError(f"--keep must be model or ema (got {keep!r})")
     model, output = Path(model), Path(output)
-    if output.exists() and output.resolve() == model.resolve():
-        raise ValueError(f"{output}: the output would overwrite the input; choose another -o")
+    refuse_overwrite(output, [model])
     reader = TensorReader(model)
     try:
         tensors = reader.header.tensors

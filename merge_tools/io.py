@@ -217,6 +217,17 @@ def finalize(partial: Path, output: Path) -> None:
             os.close(fd)
 
 
+def refuse_overwrite(output: Path, inputs: Iterable[str | os.PathLike]) -> None:
+    """A clear error when `output` is one of the inputs (outputs never replace what they are made from)."""
+    if not output.exists():
+        return
+    target = output.resolve()
+    for p in inputs:
+        if Path(p).resolve() == target:
+            raise ValueError(f"{output}: the output would overwrite the input {p} (never overwrite an input); "
+                             "choose another -o")
+
+
 def side_paths(output: Path) -> tuple[Path, Path]:
     """(partial file, journal) paths beside the output."""
     return output.with_name(f".{output.name}.partial"), output.with_name(f".{output.name}.journal")

@@ -21,7 +21,7 @@ import json
 import math
 import os
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +30,8 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm import tqdm
 
-from merge_tools.io import TensorReader, copy_tensors, finalize, side_paths
-from sd_scripts_surge.models.fileio import CheckpointError, read_safetensors_header
+from merge_tools.io import TensorReader, copy_tensors, refuse_overwrite
+from sd_scripts_surge.models.fileio import CheckpointError, read_safetensors_header, save_safetensors_atomic
 from sd_scripts_surge.models.keymap import block_of, detect_architecture
 from sd_scripts_surge.models.lora_keys import LoraKeyMap, LoraTarget, checkpoint_lora_keys
 
@@ -39,12 +39,6 @@ LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha
 LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha")
 LOKR_SUFFIXES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha")
 _ALL_SUFFIXES = sorted(set(LORA_SUFFIXES + LOHA_SUFFIXES + LOKR_SUFFIXES), key=len, reverse=True)
-
-
-def _check_output(output: Path, inputs: Sequence[Path]) -> None:
-    for p in inputs:
-        if output.exists() and output.resolve() == p.resolve():
-            raise ValueError(f"{output}: the output would overwrite the input {p}; choose another -o")
 
 
 # -------------------------------------------------------------------------------------------- reading
@@ -178,7 +172,7 @@ def merge_lora(
 ) -> dict[str, int]:
     """Write `output` = `base` with every LoRA of `loras` ([(path, multiplier)]) added in fp64."""
     base, output = Path(base), Path(output)
-    _check_output(output, [base, *(Path(p) for p, _ in loras)])
+    refuse_overwrite(output, [base, *(Path(p) for p, _ in loras)])
     reader = TensorReader(base)
     try:
         tensors = reader.header.tensors
@@ -280,7 +274,7 @@ def extract_lora(
 ) -> ExtractReport:
     """Write a kohya LoRA `output` that turns `base` into (approximately) `tuned`; see the module docstring."""
     tuned, base, output = Path(tuned), Path(base), Path(output)
-    _check_output(output, [tuned, base])
+    refuse_overwrite(output, [tuned, base])
     if dim < 1:
         raise ValueError("--dim must be at least 1")
     if energy is not None and not 0.0 < energy <= 1.0:
@@ -350,23 +344,10 @@ def extract_lora(
              "clamp_quantile": clamp_quantile}
         ),
     }
-    _save(tensors, output, metadata)
+    save_safetensors_atomic(tensors, output, metadata, protect=(tuned, base))
     energy_per_block = {blk: (k / t if t > 0 else 1.0) for blk, (k, t) in kept.items()}
     report = ExtractReport(len(ranks), skipped, energy_per_block, ranks)
     log(f"wrote {output}: {report.modules} modules ({skipped} unchanged left out); kept energy per block:")
     for blk, share in energy_per_block.items():
         log(f"  {blk:8s} {100 * share:6.2f} %")
     return report
-
-
-def _save(tensors: Mapping[str, Tensor], output: Path, metadata: Mapping[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    partial, _ = side_paths(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        save_file(dict(tensors), str(partial), metadata=dict(metadata))
-        finalize(partial, output)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise

@@ -36,7 +36,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from tqdm import tqdm
 
-from merge_tools.io import OutputEntry, SafetensorsWriter, TensorReader, finalize, side_paths
+from merge_tools.io import OutputEntry, SafetensorsWriter, TensorReader, finalize, refuse_overwrite, side_paths
 from sd_scripts_surge.models.fileio import CheckpointError
 from sd_scripts_surge.models.keymap import detect_architecture
 
@@ -202,9 +202,7 @@ def rebasin(
 ) -> RebasinReport:
     """Write B aligned to A (function-identical to B) to `output`."""
     a, b, output = Path(a), Path(b), Path(output)
-    for p in (a, b):
-        if output.exists() and output.resolve() == p.resolve():
-            raise ValueError(f"{output}: the output would overwrite the input {p}; choose another -o")
+    refuse_overwrite(output, (a, b))
     ra, rb = TensorReader(a), TensorReader(b)
     try:
         shapes_a = {k: tuple(v.shape) for k, v in ra.header.tensors.items()}

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from merge_tools.block_map import component_of
-from merge_tools.io import TensorReader, copy_tensors
+from merge_tools.io import TensorReader, copy_tensors, refuse_overwrite
 from sd_scripts_surge.models.fileio import CheckpointError
 from sd_scripts_surge.models.keymap import detect_architecture
 
@@ -28,9 +28,7 @@ def swap(unet: str | Path, output: str | Path, te: str | Path | None = None, te2
     {component: source path}."""
     sources = {"unet": Path(unet)} | {role: Path(p) for role, p in (("te", te), ("te2", te2), ("vae", vae)) if p}
     output = Path(output)
-    for path in sources.values():
-        if output.exists() and output.resolve() == path.resolve():
-            raise ValueError(f"{output}: the output would overwrite an input; choose another -o")
+    refuse_overwrite(output, sources.values())
     readers = {role: TensorReader(path) for role, path in sources.items()}
     try:
         archs = {role: detect_architecture({k: t.shape for k, t in r.header.tensors.items()})
