@@ -36,8 +36,6 @@ from merge_tools.io import TensorReader
 from merge_tools.recipe import RecipeError, load_recipe, parse_recipe
 from sd_scripts_surge.models.keymap import Architecture, detect_architecture
 
-COARSE = {"BASE": "BASE", "IN": "IN", "M": "M", "OUT": "OUT"}
-
 
 def block_groups(arch: Architecture, mode: str) -> dict[str, list[str]]:
     """Search dimensions → the blocks each sets. mode "blocks": one per block; "coarse": BASE, IN*, M*, OUT*."""
