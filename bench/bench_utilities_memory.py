@@ -12,6 +12,7 @@ synthesised from the key map for merge-lora.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         "swap": py + ["swap", "--unet", str(base), "--te", str(tuned), "--te2", str(tuned), "--vae", str(tuned),
                       "-o", str(out / "swap.safetensors")],
         "convert (fp16 → bf16)": py + ["convert", str(base), "-o", str(out / "bf16.safetensors"), "--dtype", "bf16"],
+        "to-diffusers (layout)": py + ["convert", str(base), "-o", str(out / "diffusers")],
+        "from-diffusers (layout)": py + ["convert", str(out / "diffusers"), "-o", str(out / "single.safetensors")],
         "merge-lora": py + ["merge-lora", str(base), f"{lora}:0.8", "-o", str(out / "baked.safetensors"),
                             "--no-progress"],
         "soup (2 models)": py + ["soup", str(base), str(tuned), "-o", str(out / "soup.safetensors"), "--no-progress",
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         for f in out.glob("*.safetensors"):
             if f.name != lora.name:
                 f.unlink()
+        if name.startswith("from-diffusers"):
+            shutil.rmtree(out / "diffusers", ignore_errors=True)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Write synthetic full-size SD1 / SDXL checkpoints for the merge benchmark.
 
 Every file carries the real key set and shapes of a single-file checkpoint (the non-optional keys of the
-reference key list in bench/keys/), stored as fp16 safetensors. The files form a family around one
+reference key list in bench/keys/, plus the text encoders' optional last layer, final norm and
+projection, which real files carry), stored as fp16 safetensors. The files form a family around one
 shared base, the way fine-tunes of one release do:
 
     base_k    ~ N(0, s_k^2)                          s_k from the tensor's role (fan-in scaled weights,
@@ -63,7 +64,8 @@ class TensorSpec:
 
 
 def load_key_specs(arch: str, components: list[str] | None = None) -> list[TensorSpec]:
-    """The non-optional float keys of `arch`'s reference key list, sorted, optionally limited to components."""
+    """The float keys of `arch`'s reference key list (optional ones only for the text encoders), sorted,
+    optionally limited to components."""
     path = KEYS_DIR / ARCH_KEY_FILES[arch]
     if not path.is_file():
         raise FileNotFoundError(f"reference key list {path} is missing; copy it from shared/reference/keys/")
@@ -76,7 +78,12 @@ def load_key_specs(arch: str, components: list[str] | None = None) -> list[Tenso
     specs = []
     for component in wanted:
         for key, info in doc["components"][component].items():
-            if info.get("optional") or not info["dtype"].startswith("float"):
+            if not info["dtype"].startswith("float"):
+                continue
+            # the text encoders' "optional" keys (last layer, final norm, projection: a checkpoint may omit
+            # what SDXL's penultimate-layer conditioning skips) are in real files and the loader needs them;
+            # the other optional keys (schedule buffers, v-pred/EDM flags) would change what the file means
+            if info.get("optional") and component not in ("clip_l", "clip_g"):
                 continue
             specs.append(TensorSpec(key, tuple(info["shape"])))
     return sorted(specs, key=lambda s: s.key)

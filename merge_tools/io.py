@@ -21,7 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sd_scripts_surge.models.fileio import SAFETENSORS_DTYPES, SafetensorsHeader, read_safetensors_header
+from sd_scripts_surge.models.fileio import (
+    SAFETENSORS_DTYPES,
+    SafetensorsHeader,
+    ensure_free_space,
+    read_safetensors_header,
+)
+from sd_scripts_surge.models.fileio import check_finite as _check_finite
 
 TORCH_TO_ST = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
@@ -235,39 +241,58 @@ def side_paths(output: Path) -> tuple[Path, Path]:
 
 def copy_tensors(
     output: Path,
-    plan: dict[str, tuple[TensorReader, str]],
+    plan: Mapping[str, tuple[TensorReader, str] | torch.Tensor],
     metadata: dict[str, str],
     chunk_elements: int = 1 << 24,
     transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     dtypes: Mapping[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
+    check_finite: bool = False,
 ) -> None:
-    """Write `output` as the tensors `plan` names ({output key: (reader, source key)}), to a temp file that is
-    fsynced and renamed; nothing is left behind on failure.
+    """Write `output` as the tensors `plan` names ({output key: (reader, source key)}, or a tensor already in
+    memory), to a temp file that is fsynced and renamed; nothing is left behind on failure.
 
     Untransformed tensors stream chunk by chunk in their stored dtype (or `dtypes[key]`, a safetensors dtype
     name). A key in `transforms` is read whole and written as `transforms[key](tensor)` cast to its dtype, so
     memory stays at the largest transformed tensor. `progress(key)` is called after each tensor.
+    `check_finite` refuses NaN/Inf in any floating chunk (CheckpointError naming the source and key).
     """
     transforms, dtypes = transforms or {}, dtypes or {}
-    entries = [OutputEntry(k, dtypes.get(k, r.header.tensors[src].dtype), tuple(r.header.tensors[src].shape))
-               for k, (r, src) in plan.items()]
-    torch_dtype = {v: k for k, v in TORCH_TO_ST.items()}
+
+    def info_of(key: str) -> tuple[str, tuple[int, ...]]:
+        value = plan[key]
+        if isinstance(value, torch.Tensor):
+            return _torch_st_name(value.dtype), tuple(value.shape)
+        reader, src = value
+        return reader.header.tensors[src].dtype, tuple(reader.header.tensors[src].shape)
+
+    entries = [OutputEntry(k, dtypes.get(k, info_of(k)[0]), info_of(k)[1]) for k in plan]
     partial, _ = side_paths(output)
+    ensure_free_space(output.parent, sum(e.nbytes for e in entries))
     try:
         writer = SafetensorsWriter(partial, entries, metadata)
         try:
             for entry in entries:
-                reader, src = plan[entry.key]
-                info = reader.header.tensors[src]
-                cast = entry.dtype != info.dtype
-                if entry.key in transforms:
-                    value = transforms[entry.key](reader.read(src).view(tuple(info.shape)))
-                    writer.write(entry.key, 0, value.reshape(-1).to(torch_dtype[entry.dtype]))
+                value = plan[entry.key]
+                out_dtype = SAFETENSORS_DTYPES[entry.dtype][0]
+                if isinstance(value, torch.Tensor):
+                    if check_finite:
+                        _check_finite(entry.key, value, "memory")
+                    writer.write(entry.key, 0, value.reshape(-1).to(out_dtype))
                 else:
-                    for start in range(0, info.numel, chunk_elements):
-                        chunk = reader.read(src, start, min(info.numel, start + chunk_elements))
-                        writer.write(entry.key, start, chunk.to(torch_dtype[entry.dtype]) if cast else chunk)
+                    reader, src = value
+                    info = reader.header.tensors[src]
+                    if entry.key in transforms:
+                        whole = reader.read(src).view(tuple(info.shape))
+                        if check_finite:
+                            _check_finite(src, whole, reader.path)
+                        writer.write(entry.key, 0, transforms[entry.key](whole).reshape(-1).to(out_dtype))
+                    else:
+                        for start in range(0, info.numel, chunk_elements):
+                            chunk = reader.read(src, start, min(info.numel, start + chunk_elements))
+                            if check_finite:
+                                _check_finite(src, chunk, reader.path)
+                            writer.write(entry.key, start, chunk.to(out_dtype) if entry.dtype != info.dtype else chunk)
                 if progress is not None:
                     progress(entry.key)
             writer.sync()
@@ -277,3 +302,10 @@ def copy_tensors(
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def _torch_st_name(dtype: torch.dtype) -> str:
+    for name, (torch_dtype, _) in SAFETENSORS_DTYPES.items():
+        if torch_dtype == dtype:
+            return name
+    raise ValueError(f"dtype {dtype} has no safetensors name")

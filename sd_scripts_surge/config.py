@@ -84,7 +84,7 @@ IGNORED_PREFIXES = ("wandb_", "huggingface_", "metadata_", "dynamo_", "deepspeed
 
 SURGE_KEYS = ("shock_rate", "smooth_rate", "max_hops", "anchor_grasp", "pre_change_layers", "post_change_layers",
               "num_seeds", "probes", "flavor_resolution", "flavor_cache_dir", "replay_steps", "replay_units",
-              "replay_mode", "lerp_alpha", "teacher", "target_draws", "cache_budget",
+              "replay_mode", "lerp_alpha", "teacher", "teacher_dtype", "target_draws", "cache_budget",
               "replay_lr", "traj_weight", "w_task", "w_out", "feature_weight", "unit_map", "teachers", "controller",
               "random_lr", "keep_mean_lr", "lr_rule", "update_every_n_steps", "eval_every_n_steps",
               "target_teacher_mse")
@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
            "at every epoch start, each unit kept only if its downstream error does not grow (0: off)")
     a("--surge_teacher", type=str, default="live", choices=["live", "cached"],
       help="live: run the teacher every step; cached: its answers for K draws per image computed once, up front")
+    a("--surge_teacher_dtype", type=str, default="float", choices=["float", "fp16", "bf16", "fp8"],
+      help="how the frozen teacher UNet is stored: float (fp32), fp16/bf16 (half the memory; computed in that "
+           "dtype), fp8 (e4m3 weights, a quarter; each layer is widened to bf16 only while it runs)")
     a("--surge_target_draws", type=int, default=1,
       help="cached teacher: (timestep, noise) draws per image; epoch e trains on draw e mod K")
     a("--surge_cache_budget", type=str, default="0",
@@ -379,6 +382,7 @@ class SurgeConfig:
     replay_mode: str = "single"
     lerp_alpha: float = 0.0
     teacher: str = "live"
+    teacher_dtype: str = "float"
     target_draws: int = 1
     cache_budget: str = "0"
     replay_lr: float | None = None
@@ -900,6 +904,8 @@ def validate(c: TrainConfig, where: str) -> None:
     need(not s.lerp_alpha or not c.network_module, "surge_lerp_alpha",
          "moves the student's own weights toward the teacher's: a full fine-tune, not a LoRA")
     need(s.teacher in ("live", "cached"), "surge_teacher", f"must be live or cached (got {s.teacher!r})")
+    need(s.teacher_dtype in ("float", "fp16", "bf16", "fp8"), "surge_teacher_dtype",
+         f"must be float, fp16, bf16 or fp8 (got {s.teacher_dtype!r})")
     need(s.target_draws >= 1, "surge_target_draws", "must be ≥ 1")
     try:
         parse_size(s.cache_budget)

@@ -60,3 +60,45 @@ def test_single_file_to_diffusers_and_back(tmp_path: Path) -> None:
     convert(folder, back, to="single")
     a, b = load_file(str(single)), load_file(str(back))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_layout_change_keeps_dtype_and_matches_the_loader(tmp_path: Path) -> None:
+    """single fp16 → diffusers (streamed UNet, per-component TEs/VAE): same tensors as the checked loader."""
+    bundle = tiny_sdxl(1)
+    single = io.save_single_file(bundle, tmp_path / "m16.safetensors", precision="fp16")
+    folder = tmp_path / "m16_diffusers"
+    convert(single, folder)
+    unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    assert {t.dtype for t in load_file(str(unet_file)).values()} == {torch.float16}  # kept, not widened
+    via_loader = io.load_model(single, dtype=torch.float16)
+    streamed = io.load_model(folder, dtype=torch.float16)
+    for name, module in via_loader.modules().items():
+        want, got = module.state_dict(), streamed.modules()[name].state_dict()
+        assert set(want) == set(got), name
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+    back = tmp_path / "back_bf16.safetensors"
+    convert(folder, back, dtype="bf16")
+    a = load_file(str(back))
+    assert {v.dtype for v in a.values() if v.is_floating_point()} == {torch.bfloat16}
+    ref = io.bundle_to_ldm_state_dict(via_loader, "bf16")
+    assert set(a) == set(ref) and all(torch.equal(a[k], ref[k]) for k in ref)
+
+
+def test_layout_change_refuses_bad_inputs_and_leaves_nothing(tmp_path: Path) -> None:
+    single = io.save_single_file(tiny_sdxl(0), tmp_path / "m.safetensors", precision="float")
+    tensors = load_file(str(single))
+    key = next(k for k in tensors if k.startswith("model.diffusion_model.output_blocks."))
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_file(tensors, str(bad))
+    with pytest.raises(CheckpointError, match="NaN"):
+        convert(bad, tmp_path / "nan_diffusers")
+    assert not (tmp_path / "nan_diffusers").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".nan_diffusers")]  # temp folder removed
+    wrong = dict(load_file(str(single)))
+    wrong[key] = torch.zeros(3)
+    save_file(wrong, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(CheckpointError, match=key.split(".")[-1]):
+        convert(tmp_path / "shape.safetensors", tmp_path / "shape_diffusers")
+    assert not (tmp_path / "shape_diffusers").exists()

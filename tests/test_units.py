@@ -182,3 +182,26 @@ def test_unit_map_and_merge_key_map_agree_on_every_parameter(which, request):
         assert block_of(key, arch) == unit, (key, unit, block_of(key, arch))
         checked += 1
     assert checked > 100
+
+
+def test_pruned_unet_blocks_agree_in_both_layouts():
+    """A BK-SDM student (1 resnet per level, no mid block): the key map counts its levels from the keys, so the
+    unit map, the diffusers keys and the same UNet in ldm names give every parameter the same block."""
+    from sd_scripts_surge.models.convert import unet_diffusers_to_ldm_map
+    from sd_scripts_surge.models.keymap import block_of, detect_architecture
+    from sd_scripts_surge.models.prune import prune_unet
+
+    student = prune_unet(build_tiny_unet(0), 1, True)
+    shapes = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+    diffusers_arch = detect_architecture(shapes)
+    to_ldm = unet_diffusers_to_ldm_map(student.config, prefix="model.diffusion_model.")
+    ldm_arch = detect_architecture({to_ldm[k]: s for k, s in shapes.items() if k in to_ldm})
+    unit_map = mbw_unit_map(student)
+    assert "M00" not in unit_map.names and "M00" not in diffusers_arch.blocks
+    assert diffusers_arch.blocks == ldm_arch.blocks == tuple(n for n in unit_map.names if n != "out")
+    assert len(diffusers_arch.blocks) < 20  # fewer than a full SDXL's
+    unit_of = unit_of_module_path(unit_map)
+    for key in to_ldm:
+        unit = unit_of(key.rsplit(".", 1)[0])
+        expected = diffusers_arch.blocks[-1] if unit == "out" else unit
+        assert block_of(key, diffusers_arch) == block_of(to_ldm[key], ldm_arch) == expected, key

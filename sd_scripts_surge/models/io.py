@@ -18,7 +18,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +234,8 @@ class _TensorSource:
         else:
             raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r}; expected .safetensors")
 
-    def read(self, keys: Iterable[str], dtype: torch.dtype, desc: str) -> dict[str, Tensor]:
+    def read(self, keys: Iterable[str], dtype: torch.dtype | None, desc: str) -> dict[str, Tensor]:
+        """The tensors of `keys`, checked finite, floats cast to `dtype` (None: as stored)."""
         keys = list(keys)
         out: dict[str, Tensor] = {}
         with contextlib.ExitStack() as stack:
@@ -245,7 +247,7 @@ class _TensorSource:
             for k in tqdm(keys, desc=desc, unit="tensor", leave=False, disable=None):
                 t = self._pickled[k] if handle is None else handle.get_tensor(k)
                 check_finite(k, t, self.path)
-                out[k] = t.to(dtype) if t.is_floating_point() else t
+                out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return out
 
 
@@ -407,7 +409,8 @@ def _tokenizers_from(root: Path, arch: str) -> tuple[Any, Any]:
     return tok, (tok if arch == "sdxl" else None)
 
 
-def _attach_tokenizers(bundle: ModelBundle, root: Path | None, what: str) -> None:
+def attach_tokenizers(bundle: ModelBundle, root: Path | None, what: str) -> None:
+    """Tokenizers from `root` (see `_tokenizers_from`), or a note in the metadata that there are none."""
     if root is not None:
         bundle.tokenizer_1, bundle.tokenizer_2 = _tokenizers_from(root, bundle.arch)
         return
@@ -458,6 +461,55 @@ def load_single_file(
     allow_pickle: bool = False,
 ) -> ModelBundle:
     """Load a single-file checkpoint in the original layout; see `load_model`."""
+    plan = plan_single_file(path, arch=arch, config_dir=config_dir, allow_pickle=allow_pickle)
+    tensors = plan.src.read(plan.expected, dtype, desc=f"loading {plan.path.name}")
+    components, _ = ldm_to_components(plan.arch, tensors, plan.configs.unet)
+    for name, module in plan.modules.items():
+        _fill_module(name, module, components[name], str(plan.path))
+    bundle = plan.bundle()
+    attach_tokenizers(bundle, Path(tokenizer_dir) if tokenizer_dir else None, plan.path.name)
+    return bundle
+
+
+@dataclass
+class SingleFilePlan:
+    """A single file checked before its tensors are read: architecture, configs, the expected ldm key → shape
+    table (validated against the file) and the components as meta-device modules."""
+
+    path: Path
+    src: _TensorSource
+    arch: str
+    configs: cfg.ModelConfigs
+    modules: dict[str, torch.nn.Module]
+    expected: dict[str, tuple[int, ...]]
+
+    def metadata(self) -> dict[str, str]:
+        metadata = dict(self.src.metadata)
+        metadata["surge.source"] = str(self.path)
+        metadata["surge.config_source"] = self.configs.source
+        logit_key = SDXL_TE2_PREFIX + "logit_scale"
+        if self.arch == "sdxl" and logit_key in self.src.shapes:
+            value = self.src.read([logit_key], torch.float32, "logit_scale")[logit_key]
+            metadata["surge.te2_logit_scale"] = repr(float(value))
+        if _is_v_prediction(self.src.shapes, metadata):
+            metadata["modelspec.prediction_type"] = "v"
+        return metadata
+
+    def bundle(self) -> ModelBundle:
+        """The bundle of `modules` (filled by the caller, or still on the meta device for configs only)."""
+        m = self.modules
+        return ModelBundle(arch=self.arch, unet=m["unet"], text_encoder_1=m["text_encoder_1"], vae=m["vae"],
+                           text_encoder_2=m.get("text_encoder_2"), metadata=self.metadata())
+
+
+def plan_single_file(
+    path: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    config_dir: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+) -> SingleFilePlan:
+    """Detect, resolve configs and validate every key and shape of a single file, reading no tensor."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: file not found")
@@ -472,35 +524,11 @@ def load_single_file(
     configs = _resolve_single_file_configs(
         arch, src.shapes, src.metadata, Path(config_dir) if config_dir else None, path
     )
-    component_configs = _component_configs(configs)
-    modules = {name: _empty_module(name, c) for name, c in component_configs.items()}
+    modules = {name: _empty_module(name, c) for name, c in _component_configs(configs).items()}
     expected_ldm = components_to_ldm(arch, _expected_shapes(modules), configs.unet)
     expected = {k: tuple(v.shape) for k, v in expected_ldm.items()}
     validate_shapes(path, expected, src.shapes, ignore=IGNORED_LDM_KEYS)
-
-    tensors = src.read(expected, dtype, desc=f"loading {path.name}")
-    components, _ = ldm_to_components(arch, tensors, configs.unet)
-    for name, module in modules.items():
-        _fill_module(name, module, components[name], str(path))
-
-    metadata = dict(src.metadata)
-    metadata["surge.source"] = str(path)
-    metadata["surge.config_source"] = configs.source
-    logit_key = SDXL_TE2_PREFIX + "logit_scale"
-    if arch == "sdxl" and logit_key in src.shapes:
-        metadata["surge.te2_logit_scale"] = repr(float(src.read([logit_key], torch.float32, "logit_scale")[logit_key]))
-    if _is_v_prediction(src.shapes, metadata):
-        metadata["modelspec.prediction_type"] = "v"
-    bundle = ModelBundle(
-        arch=arch,
-        unet=modules["unet"],
-        text_encoder_1=modules["text_encoder_1"],
-        vae=modules["vae"],
-        text_encoder_2=modules.get("text_encoder_2"),
-        metadata=metadata,
-    )
-    _attach_tokenizers(bundle, Path(tokenizer_dir) if tokenizer_dir else None, path.name)
-    return bundle
+    return SingleFilePlan(path, src, arch, configs, modules, expected)
 
 
 def _is_v_prediction(shapes: Mapping[str, Any], metadata: Mapping[str, str]) -> bool:
@@ -550,16 +578,71 @@ def load_diffusers(
     allow_pickle: bool = False,
 ) -> ModelBundle:
     """Load a diffusers folder (unet/, vae/, text_encoder/[, text_encoder_2/], tokenizer dirs, model_index.json)."""
+    plan = plan_diffusers(folder, arch=arch, allow_pickle=allow_pickle)
+    modules = {}
+    for name, part in plan.components.items():
+        tensors: dict[str, Tensor] = {}
+        for src, keys in part.by_source():
+            read = src.read(keys, dtype, f"loading {part.folder.name}/{src.path.name}")
+            tensors.update({keys[k]: v for k, v in read.items()})
+        modules[name] = _fill_module(name, part.module, tensors, str(part.folder))
+    bundle = plan.bundle(modules)
+    tok_root = Path(tokenizer_dir) if tokenizer_dir else (plan.folder if (plan.folder / "tokenizer").is_dir() else None)
+    attach_tokenizers(bundle, tok_root, str(plan.folder))
+    return bundle
+
+
+@dataclass
+class DiffusersComponent:
+    """One component folder, checked: its meta-device module and where each canonical key is stored."""
+
+    folder: Path
+    module: torch.nn.Module
+    expected: dict[str, tuple[int, ...]]  # canonical key -> shape
+    owners: dict[str, tuple[_TensorSource, str]]  # canonical key -> (weight file, key in that file)
+
+    def by_source(self) -> list[tuple[_TensorSource, dict[str, str]]]:
+        """[(weight file, {file key: canonical key})] for every expected key."""
+        groups: dict[int, tuple[_TensorSource, dict[str, str]]] = {}
+        for canon in self.expected:
+            src, k = self.owners[canon]
+            groups.setdefault(id(src), (src, {}))[1][k] = canon
+        return list(groups.values())
+
+
+@dataclass
+class DiffusersPlan:
+    folder: Path
+    arch: str
+    components: dict[str, DiffusersComponent]
+
+    def metadata(self) -> dict[str, str]:
+        metadata = {"surge.source": str(self.folder), "surge.config_source": "diffusers"}
+        scheduler_config = self.folder / "scheduler" / "scheduler_config.json"
+        if scheduler_config.is_file():
+            prediction = json.loads(scheduler_config.read_text()).get("prediction_type", "epsilon")
+            metadata["modelspec.prediction_type"] = "v" if prediction == "v_prediction" else "epsilon"
+        return metadata
+
+    def bundle(self, modules: Mapping[str, torch.nn.Module] | None = None) -> ModelBundle:
+        """A bundle of `modules` (default: the meta-device modules, for configs only)."""
+        m = dict(modules) if modules is not None else {n: c.module for n, c in self.components.items()}
+        return ModelBundle(arch=self.arch, unet=m["unet"], text_encoder_1=m["text_encoder_1"], vae=m["vae"],
+                           text_encoder_2=m.get("text_encoder_2"), metadata=self.metadata())
+
+
+def plan_diffusers(
+    folder: str | os.PathLike, *, arch: str | None = None, allow_pickle: bool = False
+) -> DiffusersPlan:
+    """Read the configs of a diffusers folder and validate every component's keys and shapes (no tensor read)."""
     folder = Path(folder)
     arch = arch or _diffusers_arch(folder)
-    modules: dict[str, torch.nn.Module] = {}
-    config_values: dict[str, dict[str, Any]] = {}
+    components: dict[str, DiffusersComponent] = {}
     for name in COMPONENT_PREFIXES[arch]:
         sub = folder / DIFFUSERS_SUBFOLDERS[name]
         config = _read_config_dir(folder, name)
         if config is None:
             raise CheckpointError(f"{sub}: config.json missing; a diffusers folder needs one per component")
-        config_values[name] = config
         module = _empty_module(name, config)
         expected = {k: tuple(v.shape) for k, v in _canonical_state_dict(name, module).items()}
         found: Shapes = {}
@@ -572,32 +655,8 @@ def load_diffusers(
                     found[canon] = shape
                     owners[canon] = (src, k)
         validate_shapes(sub, expected, found)
-        tensors: dict[str, Tensor] = {}
-        by_source: dict[int, tuple[_TensorSource, dict[str, str]]] = {}
-        for canon in expected:
-            src, k = owners[canon]
-            by_source.setdefault(id(src), (src, {}))[1][k] = canon
-        for src, keys in by_source.values():
-            read = src.read(keys, dtype, f"loading {sub.name}/{src.path.name}")
-            tensors.update({keys[k]: v for k, v in read.items()})
-        modules[name] = _fill_module(name, module, tensors, str(sub))
-
-    metadata = {"surge.source": str(folder), "surge.config_source": "diffusers"}
-    scheduler_config = folder / "scheduler" / "scheduler_config.json"
-    if scheduler_config.is_file():
-        prediction = json.loads(scheduler_config.read_text()).get("prediction_type", "epsilon")
-        metadata["modelspec.prediction_type"] = "v" if prediction == "v_prediction" else "epsilon"
-    bundle = ModelBundle(
-        arch=arch,
-        unet=modules["unet"],
-        text_encoder_1=modules["text_encoder_1"],
-        vae=modules["vae"],
-        text_encoder_2=modules.get("text_encoder_2"),
-        metadata=metadata,
-    )
-    tok_root = Path(tokenizer_dir) if tokenizer_dir else (folder if (folder / "tokenizer").is_dir() else None)
-    _attach_tokenizers(bundle, tok_root, str(folder))
-    return bundle
+        components[name] = DiffusersComponent(sub, module, expected, owners)
+    return DiffusersPlan(folder, arch, components)
 
 
 def _canonical_key(component: str, key: str) -> str | None:
@@ -743,13 +802,35 @@ def save_diffusers(bundle: ModelBundle, folder: str | os.PathLike, *, precision:
     """Write the bundle as a diffusers folder (loads with `DiffusionPipeline.from_pretrained(folder)`).
 
     Written into a temp folder beside the target and renamed into place; an existing folder is replaced only
-    after the new one is complete. The bundle's modules are not changed (weights are cast on copies).
+    after the new one is complete. The bundle's modules are not changed (weights are cast on copies, one
+    component at a time).
     """
+    dtype = precision_dtype(precision)
+
+    def weights(name: str, module: torch.nn.Module, path: Path) -> None:
+        sd = _canonical_state_dict(name, module)
+        state = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()) for k, v in sd.items()}
+        save_safetensors_atomic(state, path, metadata={"format": "pt"})
+
+    return write_diffusers_folder(bundle, folder, dtype, weights)
+
+
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                "text_encoder_1": "model.safetensors", "text_encoder_2": "model.safetensors"}
+
+
+def write_diffusers_folder(
+    bundle: ModelBundle,
+    folder: str | os.PathLike,
+    dtype: torch.dtype,
+    weights: Callable[[str, torch.nn.Module, Path], None],
+) -> Path:
+    """A diffusers folder from a bundle's configs, tokenizers and metadata; `weights(component, module, path)`
+    writes each component's weight file (the modules may be on the meta device when `weights` streams them
+    from elsewhere). Written into a temp folder and renamed into place."""
     import diffusers
 
     folder = Path(folder)
-    dtype = precision_dtype(precision)
-    states = _component_state_dicts(bundle, dtype)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
@@ -759,14 +840,11 @@ def save_diffusers(bundle: ModelBundle, folder: str | os.PathLike, *, precision:
             if name.startswith("text_encoder"):
                 config = module.config.to_dict()
                 config["torch_dtype"] = str(dtype).removeprefix("torch.")
-                (sub / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-                weights = sub / "model.safetensors"
             else:
                 config = {"_class_name": type(module).__name__, "_diffusers_version": diffusers.__version__}
                 config.update(cfg.clean_config(module.config))
-                (sub / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-                weights = sub / "diffusion_pytorch_model.safetensors"
-            save_safetensors_atomic(states[name], weights, metadata={"format": "pt"})
+            (sub / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+            weights(name, module, sub / WEIGHT_FILES[name])
         scheduler = tmp / "scheduler"
         scheduler.mkdir()
         sched = dict(_scheduler_config(bundle), _diffusers_version=diffusers.__version__)

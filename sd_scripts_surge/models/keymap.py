@@ -3,8 +3,9 @@
 
 Used by the merge engine and its MBW weights (merge_tools), `sd-merge blocks`/`inspect`, LoRA extraction
 (per-block energy, with models/lora_keys for kohya names), AutoMBW and the GUI's block sliders. The surge
-unit map (surge/units.py, which walks the diffusers module tree) names the same blocks: a test checks
-that every UNet parameter's unit is the block this module gives its key.
+unit map (surge/units.py walks the diffusers module tree for the structure) and `--block_lr`
+(training/block_lr.py) take their block names from `block_of` here; tests check that every UNet
+parameter's unit is the block this module gives its key, in both layouts, depth-pruned UNets included.
 
 Blocks
 - SD1 / SD2 (26): BASE, IN00–IN11, M00, OUT00–OUT11.   SDXL (20): BASE, IN00–IN08, M00, OUT00–OUT08.
@@ -15,6 +16,9 @@ Blocks
   Diffusers UNet keys map to the same blocks: conv_in → IN00, down_blocks.i.{resnets,attentions}.j →
   IN(1+3i+j), down_blocks.i.downsamplers → IN(3i+3), mid_block → M00, up_blocks.i.{resnets,attentions}.j →
   OUT(3i+j), up_blocks.i.upsamplers → OUT(3i+2), conv_norm_out/conv_out → last OUT, time/add embeddings → BASE.
+  (Those offsets are for the standard levels; the levels are counted from the keys, so a UNet with other
+  layer counts, e.g. a BK-SDM student, is numbered in execution order the same way. The block list follows
+  the keys too: a UNet without a middle block has no M00.)
 - SD3: BASE + JB00… (one per ``joint_blocks.N`` / diffusers ``transformer_blocks.N``).
 - Flux: BASE + DB00… (``double_blocks.N`` / diffusers ``transformer_blocks.N``) + SB00…
   (``single_blocks.N`` / ``single_transformer_blocks.N``).
@@ -47,14 +51,20 @@ class Architecture:
     name: str  # sd1, sd2, sdxl, sd3, flux, unknown
     layout: str  # ldm (single-file original layout), diffusers, or "" when unknown
     blocks: tuple[str, ...]  # MBW block names in order; empty when unknown
+    # diffusers UNet layout, per level: (resnets, has a downsampler) on the down side and resnets on the up
+    # side. Empty means the standard SD1/SDXL levels (2 resnets + downsampler down, 3 resnets up); detection
+    # fills it from the keys, so depth-pruned students (BK-SDM) get their own block numbering.
+    down_levels: tuple[tuple[int, bool], ...] = ()
+    up_levels: tuple[int, ...] = ()
 
     @property
     def known(self) -> bool:
         return bool(self.blocks)
 
 
-def unet_blocks(n_in: int, n_out: int) -> tuple[str, ...]:
-    return ("BASE", *(f"IN{i:02d}" for i in range(n_in)), "M00", *(f"OUT{i:02d}" for i in range(n_out)))
+def unet_blocks(n_in: int, n_out: int, mid: bool = True) -> tuple[str, ...]:
+    return ("BASE", *(f"IN{i:02d}" for i in range(n_in)), *(("M00",) if mid else ()),
+            *(f"OUT{i:02d}" for i in range(n_out)))
 
 
 SD1_BLOCKS = unet_blocks(12, 12)
@@ -103,17 +113,66 @@ def detect_architecture(shapes: Mapping[str, Sequence[int]]) -> Architecture:
         n = _max_index(keys, _D_TRANSFORMER) + 1
         return Architecture("sd3", "diffusers", ("BASE", *(f"JB{i:02d}" for i in range(n))))
     if any(_INP.search(k) for k in keys):
+        blocks = unet_blocks(_max_index(keys, _INP) + 1, _max_index(keys, _OUT) + 1,
+                             any(_MID.search(k) for k in keys))
         if any(".label_emb." in k for k in keys) or _max_index(keys, _INP) <= 8:
-            return Architecture("sdxl", "ldm", SDXL_BLOCKS)
+            return Architecture("sdxl", "ldm", blocks)
         ctx = _context_dim(shapes, "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
         sd2 = ctx == 1024 or any(k.startswith("cond_stage_model.model.") for k in keys)
-        return Architecture("sd2" if sd2 else "sd1", "ldm", SD1_BLOCKS)
+        return Architecture("sd2" if sd2 else "sd1", "ldm", blocks)
     if any(_D_DOWN.search(k) for k in keys):
-        if any("add_embedding." in k for k in keys):
-            return Architecture("sdxl", "diffusers", SDXL_BLOCKS)
+        down, up = _diffusers_levels(keys)
+        sdxl = any("add_embedding." in k for k in keys)
+        standard = SDXL_BLOCKS if sdxl else SD1_BLOCKS
+        n_in = 1 + sum(n + has_down for n, has_down in down) if down else standard.index("M00") - 1
+        n_out = sum(up) if up else len(standard) - standard.index("M00") - 1
+        blocks = unet_blocks(n_in, n_out, any("mid_block." in k for k in keys) or not (down and up))
+        if sdxl:
+            return Architecture("sdxl", "diffusers", blocks, down, up)
         ctx = _context_dim(shapes, "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight")
-        return Architecture("sd2" if ctx == 1024 else "sd1", "diffusers", SD1_BLOCKS)
+        return Architecture("sd2" if ctx == 1024 else "sd1", "diffusers", blocks, down, up)
     return UNKNOWN
+
+
+def _diffusers_levels(keys: Sequence[str]) -> tuple[tuple[tuple[int, bool], ...], tuple[int, ...]]:
+    """Per level of a diffusers UNet: (resnets, downsampler?) down and resnets up, counted from the keys."""
+    down: dict[int, list] = {}
+    up: dict[int, int] = {}
+    for k in keys:
+        if m := _D_DOWN.search(k):
+            level = down.setdefault(int(m.group(1)), [0, False])
+            if m.group(2) == "downsamplers":
+                level[1] = True
+            elif m.group(2) == "resnets":
+                level[0] = max(level[0], int(m.group(3)) + 1)
+        elif m := _D_UP.search(k):
+            count = int(m.group(3)) + 1 if m.group(2) == "resnets" else 0
+            up[int(m.group(1))] = max(up.get(int(m.group(1)), 0), count)
+
+    # a partial key set (a level missing, or one without resnets) cannot be counted: standard levels apply
+    def complete(levels: dict, counts: list[int]) -> bool:
+        return sorted(levels) == list(range(len(levels))) and all(counts)
+
+    down_levels = tuple((down[i][0], down[i][1]) for i in sorted(down))
+    up_levels = tuple(up[i] for i in sorted(up))
+    return (down_levels if complete(down, [n for n, _ in down_levels]) else (),
+            up_levels if complete(up, list(up_levels)) else ())
+
+
+_STANDARD_DOWN = ((2, True), (2, True), (2, True), (2, False))  # SD1 (the first three of them for SDXL)
+
+
+def _diffusers_block(kind: str, level: int, index: int, arch: Architecture, side: str) -> str:
+    """INnn / OUTnn of a diffusers down/up block member, from the arch's per-level layer counts."""
+    if side == "down":
+        levels = arch.down_levels or _STANDARD_DOWN
+        offset = 1 + sum(n + has_down for n, has_down in levels[:level])
+        n_res = levels[level][0] if level < len(levels) else 2
+        return f"IN{offset + (n_res if kind == 'downsamplers' else index):02d}"
+    ups = arch.up_levels or (3,) * (level + 1)
+    offset = sum(ups[:level])
+    n_res = ups[level] if level < len(ups) else 3
+    return f"OUT{offset + (n_res - 1 if kind == 'upsamplers' else index):02d}"
 
 
 def block_of(key: str, arch: Architecture) -> str | None:
@@ -141,13 +200,11 @@ def block_of(key: str, arch: Architecture) -> str | None:
         if "conv_in." in key and "down_blocks" not in key:
             return "IN00"
         if m := _D_DOWN.search(key):
-            i, kind, j = int(m.group(1)), m.group(2), int(m.group(3))
-            return f"IN{3 * i + 3:02d}" if kind == "downsamplers" else f"IN{1 + 3 * i + j:02d}"
+            return _diffusers_block(m.group(2), int(m.group(1)), int(m.group(3)), arch, "down")
         if "mid_block." in key:
             return "M00"
         if m := _D_UP.search(key):
-            i, kind, j = int(m.group(1)), m.group(2), int(m.group(3))
-            return f"OUT{3 * i + 2:02d}" if kind == "upsamplers" else f"OUT{3 * i + j:02d}"
+            return _diffusers_block(m.group(2), int(m.group(1)), int(m.group(3)), arch, "up")
         if "conv_norm_out." in key or "conv_out." in key:
             return last_out
         return "BASE"

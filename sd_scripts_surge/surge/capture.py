@@ -262,7 +262,8 @@ class UnitCapture:
         x = pool_tensor(x, self.options.pool_to) if pool else x
         if self.options.keep_graph:
             return x
-        return x.detach().clone()
+        # fp32 copies: a teacher stored in bf16/fp16/fp8 (surge/precision.py) is compared with an fp32 student
+        return x.detach().to(torch.float32, copy=True) if x.is_floating_point() else x.detach().clone()
 
     def _now(self, x: torch.Tensor | None) -> float:
         if x is not None and x.is_cuda:

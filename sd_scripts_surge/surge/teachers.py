@@ -339,7 +339,7 @@ class Teacher:
         seen: set[int] = set()
         for e in self.experts:
             for m in [e.unet, *e.text_encoders, *e.networks]:
-                if id(m) not in seen:
+                if id(m) not in seen and not getattr(m, "_surge_shared", False):  # shared with the student
                     seen.add(id(m))
                     m.to(device=device, dtype=dtype)
         return self
@@ -433,11 +433,14 @@ def build_teacher(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+    load_dtype: torch.dtype | None = None,
     **load_kwargs: Any,
 ) -> Teacher:
     """Load and freeze the experts of `specs`; checkpoints are loaded once per path and shared.
 
     dtype/device: where the experts run (None: checkpoints load in fp32, `base` stays as it is).
+    load_dtype: the dtype checkpoints are read in when `dtype` is None (e.g. bf16 for a teacher stored in bf16,
+    so no fp32 copy is ever held).
     base: the model used by specs without a path. The teacher takes it over (freezes it and hooks LoRAs into
     it): pass a copy, never the student being trained. load_kwargs go to `models.io.load_model`
     (tokenizer_dir, config_dir, allow_pickle, arch).
@@ -456,7 +459,7 @@ def build_teacher(
                 from sd_scripts_surge.models.io import load_model
 
                 logger.info("loading teacher checkpoint %s", spec.path)
-                models[spec.path] = load_model(spec.path, dtype=dtype or torch.float32, **load_kwargs)
+                models[spec.path] = load_model(spec.path, dtype=dtype or load_dtype or torch.float32, **load_kwargs)
             model = models[spec.path]
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)

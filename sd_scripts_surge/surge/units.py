@@ -7,7 +7,10 @@ model (so they fit any SD1/SD2/SDXL-shaped UNet, real size or tiny):
   embedding, ``INnn`` = ``input_blocks.nn``, ``M00`` = ``middle_block``, ``OUTnn`` = ``output_blocks.nn``,
   ``out`` = final norm + conv. In diffusers terms: IN00 = conv_in; each down layer = resnets[j] (+ attentions[j]);
   each downsampler its own block; each up layer = resnets[j] (+ attentions[j]) (+ upsamplers in the last layer
-  of a level). SDXL gives IN00–IN08 / OUT00–OUT08, SD1 IN00–IN11 / OUT00–OUT11.
+  of a level). SDXL gives IN00–IN08 / OUT00–OUT08, SD1 IN00–IN11 / OUT00–OUT11. The names come from the
+  one key map (``models.keymap.block_of`` on the UNet's own keys), so a unit is the block the merge tools,
+  MBW and ``--block_lr`` give the same parameters; the final norm + conv, which the key map folds into the
+  last OUT block, is surge's own ``out`` unit.
 - ``fine``: every ResBlock, every transformer block (``transformer_blocks.k``) separately; a
   Transformer2DModel's entry (norm + proj_in, ``….in``) and exit (proj_out + residual, ``….out``) are units
   of their own so every parameter belongs to exactly one unit.
@@ -29,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
+
+from sd_scripts_surge.models import keymap
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,14 @@ def _resnet_layer(unet: nn.Module, block: str, j: int, name: str, side: str, ups
 def _walk(unet: nn.Module) -> list[_Layer]:
     first_resnet = "down_blocks.0.resnets.0"
     layers: list[_Layer] = []
+    # block names come from the one key map (models/keymap.py), counted from this UNet's own keys
+    arch = keymap.detect_architecture({n: tuple(p.shape) for n, p in unet.named_parameters()})
+
+    def block(module: str) -> str:
+        name = keymap.block_of(module + ".weight", arch)
+        if name is None:
+            raise ValueError(f"the key map does not know this UNet ({arch.name}); no block for {module!r}")
+        return name
 
     base_modules = ("time_embedding",)
     side_points: tuple[tuple[str, HookPoint], ...] = ()
@@ -156,19 +169,21 @@ def _walk(unet: nn.Module) -> list[_Layer]:
         side_points = (("add_embeds", HookPoint("add_embedding", "input")),)
     if getattr(unet, "class_embedding", None) is not None:
         raise ValueError("UNets with class_embedding are not supported by the unit maps (only SD1/SD2/SDXL shapes)")
-    base = UnitSpec("BASE", "embed", base_modules, HookPoint("time_embedding", "input"),
+    base = UnitSpec(block("time_embedding"), "embed", base_modules, HookPoint("time_embedding", "input"),
                     HookPoint(first_resnet, "input", 1, "temb"), side_points=side_points)
     layers.append(_Layer("base", base, [UnitSpec(**{**_fields(base), "name": "time_embed"})]))
 
-    conv_in = UnitSpec("IN00", "conv_in", ("conv_in",), HookPoint("conv_in", "input"), HookPoint("conv_in", "output"))
+    conv_in = UnitSpec(block("conv_in"), "conv_in", ("conv_in",), HookPoint("conv_in", "input"),
+                       HookPoint("conv_in", "output"))
     layers.append(_Layer("in", conv_in, [UnitSpec(**{**_fields(conv_in), "name": "conv_in"})]))
 
-    for i, block in enumerate(unet.down_blocks):
-        for j in range(len(block.resnets)):
-            layers.append(_resnet_layer(unet, f"down_blocks.{i}", j, f"IN{len(layers) - 1:02d}", "in"))
-        if getattr(block, "downsamplers", None):
+    for i, down in enumerate(unet.down_blocks):
+        for j in range(len(down.resnets)):
+            res = f"down_blocks.{i}.resnets.{j}"
+            layers.append(_resnet_layer(unet, f"down_blocks.{i}", j, block(res), "in"))
+        if getattr(down, "downsamplers", None):
             ds = f"down_blocks.{i}.downsamplers.0"
-            spec = UnitSpec(f"IN{len(layers) - 1:02d}", "downsample", (ds,), HookPoint(ds, "input"),
+            spec = UnitSpec(block(ds), "downsample", (ds,), HookPoint(ds, "input"),
                             HookPoint(ds, "output"))
             layers.append(_Layer("in", spec, [UnitSpec(**{**_fields(spec), "name": ds})]))
 
@@ -178,18 +193,17 @@ def _walk(unet: nn.Module) -> list[_Layer]:
         for k in range(len(getattr(mid, "attentions", []))):
             fine += _fine_transformer(unet, f"mid_block.attentions.{k}")
             fine.append(_resnet_unit(f"mid_block.resnets.{k + 1}"))
-        layers.append(_Layer("mid", UnitSpec("M00", "mid", ("mid_block",), HookPoint("mid_block", "input"),
+        layers.append(_Layer("mid", UnitSpec(block("mid_block"), "mid", ("mid_block",), HookPoint("mid_block", "input"),
                                              HookPoint("mid_block", "output"),
                                              attention=_attention_modules(unet, "mid_block"),
                                              needs=("temb", "context")), fine))
 
-    n_out = 0
-    for i, block in enumerate(unet.up_blocks):
-        n = len(block.resnets)
+    for i, up in enumerate(unet.up_blocks):
+        n = len(up.resnets)
         for j in range(n):
-            upsampler = j == n - 1 and bool(getattr(block, "upsamplers", None))
-            layers.append(_resnet_layer(unet, f"up_blocks.{i}", j, f"OUT{n_out:02d}", "out_blocks", upsampler))
-            n_out += 1
+            upsampler = j == n - 1 and bool(getattr(up, "upsamplers", None))
+            name = block(f"up_blocks.{i}.resnets.{j}")
+            layers.append(_resnet_layer(unet, f"up_blocks.{i}", j, name, "out_blocks", upsampler))
 
     out_mods = tuple(m for m in ("conv_norm_out", "conv_act", "conv_out") if getattr(unet, m, None) is not None)
     out = UnitSpec("out", "out", out_mods, HookPoint(out_mods[0], "input"), HookPoint("conv_out", "output"))

@@ -14,36 +14,36 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from sd_scripts_surge.surge.units import mbw_unit_map, unit_of_module_path
+from sd_scripts_surge.models import keymap
 
 SDXL_BLOCK_COUNT = 23
 _MID_PARTS = (("mid_block.resnets.0", 10), ("mid_block.attentions.0", 11), ("mid_block.resnets.1", 12))
+_OUT_MODULES = ("conv_norm_out.", "conv_out.")
 
 
 def block_index_lookup(unet: nn.Module):  # noqa: ANN201 (returns a callable)
-    """A function: diffusers UNet parameter name → sd-scripts block index (0–22). SDXL layout only."""
-    unit_map = mbw_unit_map(unet)
-    names = set(unit_map.names)
-    expected = {"BASE", "M00", "out"} | {f"IN{i:02d}" for i in range(9)} | {f"OUT{i:02d}" for i in range(9)}
-    if names != expected:
+    """A function: diffusers UNet parameter name → sd-scripts block index (0–22). SDXL layout only.
+
+    The MBW block of a name comes from the one key map (models/keymap.py); sd-scripts' index splits the
+    middle block into its 3 parts and gives the final norm + conv (which the key map folds into OUT08) 22."""
+    arch = keymap.detect_architecture({n: tuple(p.shape) for n, p in unet.named_parameters()})
+    if arch.name != "sdxl" or arch.blocks != keymap.SDXL_BLOCKS:
         raise ValueError("--block_lr needs the SDXL UNet layout (input_blocks 0-8, middle_block, output_blocks "
-                         f"0-8); this UNet has units {sorted(names)}")
-    unit_of = unit_of_module_path(unit_map)
+                         f"0-8); this UNet is {arch.name} with blocks {', '.join(arch.blocks) or 'unknown'}")
 
     def index(param_name: str) -> int:
-        unit = unit_of(param_name)
-        if unit is None:
-            raise ValueError(f"parameter {param_name!r} belongs to no SDXL block")
-        if unit == "BASE":
-            return 0
-        if unit == "out":
+        name = param_name.removeprefix("unet.")
+        if name.startswith(_OUT_MODULES):
             return 22
-        if unit.startswith("IN"):
-            return 1 + int(unit[2:])
-        if unit.startswith("OUT"):
-            return 13 + int(unit[3:])
+        block = keymap.block_of(name, arch)
+        if block == "BASE":
+            return 0
+        if block.startswith("IN"):
+            return 1 + int(block[2:])
+        if block.startswith("OUT"):
+            return 13 + int(block[3:])
         for prefix, i in _MID_PARTS:
-            if param_name.startswith(prefix + "."):
+            if name.startswith(prefix + "."):
                 return i
         raise ValueError(f"parameter {param_name!r} of the middle block is in none of its 3 parts")
 

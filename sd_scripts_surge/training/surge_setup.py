@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from sd_scripts_surge.surge.controller import ControllerConfig, UnitLRController
 from sd_scripts_surge.surge.distill import DistillLoss, LossWeights, scales_from_flavors, trajectory_units
 from sd_scripts_surge.surge.flavors import FlavorStore, build_or_load_flavors, make_cache_key
 from sd_scripts_surge.surge.losses import scaled_linear_alphas_cumprod
+from sd_scripts_surge.surge.precision import compute_dtype, frozen_copy, set_unet_precision
 from sd_scripts_surge.surge.probes import ProbeSet, make_probes
 from sd_scripts_surge.surge.targets import TargetCache
 from sd_scripts_surge.surge.teachers import Teacher, build_teacher, teacher_fingerprint
@@ -83,11 +83,15 @@ def build_surge(cfg: TrainConfig, sources: Sources, student: ModelBundle, unit_m
     if not sources.teachers:
         raise ValueError("surge training needs a teacher: --teacher_model (and/or --teacher_lora), or "
                          "[[surge.teachers]] in the config; use --surge false for a plain fine-tune")
-    # Specs without a path hook their LoRAs into a frozen copy of the student (never the student itself).
-    base = copy.deepcopy(student) if any(s.path is None for s in sources.teachers) else None
+    # Specs without a path hook their LoRAs into a frozen copy of the student (never the student itself): its UNet
+    # cast to the teacher's dtype while copying, its frozen text encoders and VAE shared, not copied.
+    storage = cfg.surge.teacher_dtype
+    base = frozen_copy(student, compute_dtype(storage)) if any(s.path is None for s in sources.teachers) else None
     teacher = build_teacher(sources.teachers, base=base, device=accelerator.device,
-                            tokenizer_dir=sources.tokenizer_dir)
-    log(teacher.describe())
+                            tokenizer_dir=sources.tokenizer_dir, load_dtype=compute_dtype(storage))
+    for expert in teacher.experts:
+        set_unet_precision(expert.unet, storage, expert.networks)
+    log(teacher.describe() + ("" if storage == "float" else f"; teacher UNet stored as {storage}"))
     teacher_module = teacher.unet if teacher.mode == "single" else None
     if teacher_module is None and cfg.surge.traj_weight:
         log("trajectory loss needs one teacher network; with several experts it is off (output KD stays on)")
