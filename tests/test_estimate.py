@@ -46,6 +46,13 @@ def test_full_sdxl_parameter_count_and_optimizer_state(sdxl_folder):
     assert optimizer_state_bytes("AdamW8bit", shapes, []) == 29 * 2
 
 
+def test_teacher_storage_dtype(sdxl_folder):
+    n = 2_567_463_684
+    assert parts(plan_for(sdxl_folder, "--surge_teacher_dtype", "bf16"))["teacher UNet"] == n * 2
+    fp8 = parts(plan_for(sdxl_folder, "--surge_teacher_dtype", "fp8"))["teacher UNet"]
+    assert n < fp8 < 1.01 * n  # one byte per Linear/Conv weight, two for the few norms and biases
+
+
 def test_targets_of_the_issue_fit_24gb_and_a_naive_config_does_not(sdxl_folder):
     naive = plan_for(sdxl_folder, "--optimizer_type", "AdamW")
     assert naive.fits(24 * GIB) == "does NOT fit"

@@ -237,3 +237,36 @@ def test_unit_lerp_toward_a_same_architecture_teacher(tiny_kit, tmp_path: Path, 
     assert any(r["accepted"] for r in lerps)  # halfway toward the teacher helps some unit
     with pytest.raises(Exception, match="full fine-tune"):
         parse_train_args(["--surge_lerp_alpha", "0.5", "--network_module", "networks.lora"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["bf16", "fp8"])
+def test_teacher_stored_in_half_or_fp8_trains(tiny_kit, tmp_path: Path, capsys, storage: str) -> None:  # noqa: F811
+    """--surge_teacher_dtype: a base + LoRA teacher (frozen_copy of the student, cast while copying) in bf16 or
+    fp8 captures flavors, answers the cached targets and trains; the teacher never holds an fp32 UNet."""
+    from tests.test_teachers import write_lora
+
+    student = load_model(str(tiny_kit.base_dir))
+    lora = write_lora(tmp_path / "teacher_lora.safetensors", student, seed=4, alpha=0.5)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.toml", tiny_kit, out, steps=2, surge=False)
+    seen: dict = {}
+    import sd_scripts_surge.training.surge_setup as setup_mod
+
+    real = setup_mod.build_surge
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        setup = real(*args, **kwargs)
+        seen["dtypes"] = {p.dtype for p in setup.teacher.unet.parameters()}
+        return setup
+
+    setup_mod.build_surge = spy
+    try:
+        final = train(parse_train_args(["--config_file", str(cfg), "--surge", "true", "--teacher_lora", lora,
+                                        "--surge_teacher", "cached", "--surge_teacher_dtype", storage]))
+    finally:
+        setup_mod.build_surge = real
+    assert f"teacher UNet stored as {storage}" in capsys.readouterr().out
+    assert torch.float32 not in seen["dtypes"]
+    assert (torch.float8_e4m3fn in seen["dtypes"]) == (storage == "fp8")
+    assert all(torch.isfinite(v.float()).all() for v in unet_tensors(final).values())

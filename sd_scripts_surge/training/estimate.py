@@ -10,7 +10,8 @@ activations are measured by a meta forward + backward graph at the configured ba
 - optimizer state, by optimizer: AdamW 2 × fp32 per parameter, 8-bit Adam/Lion 2 / 1 bytes, Lion/SGD momentum
   1 × fp32, Adafactor/ADA_SURGE the factored second moment (rows + columns of every ≥ 2-D tensor, full for 1-D)
   in the state dtype (+ a full first moment with beta1);
-- teacher: a second UNet in fp32 when live (per teacher), none with `surge_teacher cached` (offloaded to CPU);
+- teacher: a second UNet when live (per teacher), in its storage dtype (`surge_teacher_dtype`: fp32, fp16/bf16,
+  fp8 weights), none on the device with `surge_teacher cached` (offloaded to CPU);
 - text encoders and VAE (fp32, frozen);
 - activations: what autograd saves for backward in one step (saved-tensor hooks on the meta graph); with
   gradient checkpointing, the checkpointed blocks' inputs plus the largest block recomputed in backward;
@@ -220,11 +221,18 @@ def estimate(cfg: TrainConfig, student_path: str | Path, *, resolution: tuple[in
     plan.parts.append(Part("optimizer state", optimizer_state_bytes(cfg.optimizer_type, trained, cfg.optimizer_args),
                            note=cfg.optimizer_type))
     if cfg.surge.enabled:
-        teacher_bytes = _bytes(unet_params, 4) * teachers
+        from sd_scripts_surge.surge.precision import storage_bytes
+
+        weights = sum(m.weight.numel() for m in unet.modules() if isinstance(m, nn.Linear | nn.Conv2d))
+        others = sum(p.numel() for p in unet_params) - weights
+        storage = cfg.surge.teacher_dtype
+        teacher_bytes = storage_bytes(storage, weights, others) * teachers
+        stored = "fp32" if storage == "float" else storage
         if cfg.surge.teacher == "cached":
-            plan.parts.append(Part("teacher UNet", teacher_bytes, "ram", "cached targets: offloaded while training"))
+            plan.parts.append(Part("teacher UNet", teacher_bytes, "ram",
+                                   f"{stored}, cached targets: offloaded while training"))
         else:
-            plan.parts.append(Part("teacher UNet", teacher_bytes, note=f"live, fp32 × {teachers}"))
+            plan.parts.append(Part("teacher UNet", teacher_bytes, note=f"live, {stored} × {teachers}"))
     frozen = sum(sum(p.numel() for p in meta_module(c, configs.get(c)).parameters())
                  for c in ("vae", "text_encoder_1", "text_encoder_2") if configs.get(c) is not None)
     plan.parts.append(Part("text encoders + VAE", frozen * 4, note="fp32, frozen"))
