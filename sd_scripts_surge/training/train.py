@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast, set_seed
 from tqdm import tqdm
 
 from sd_scripts_surge.config import ConfigError, TrainConfig, flag_notes, parse_train_args
@@ -65,6 +65,7 @@ def train(cfg: TrainConfig) -> Path:
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=tracker_logging_dir(cfg)),
     )
     log = accelerator.print
+    check_backend(cfg, accelerator.distributed_type, accelerator.state)
     if cfg.log_with:  # tensorboard event files / a wandb run, as sd-scripts' --log_with gives
         accelerator.init_trackers("surge_train", config=tracker_config(cfg))
     for note in flag_notes(cfg):
@@ -241,6 +242,25 @@ def train(cfg: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def check_backend(cfg: TrainConfig, backend: DistributedType, state: object = None) -> None:
+    """Refuse what a sharding backend (FSDP, DeepSpeed) cannot do, before anything is loaded
+    (examples/accelerate/README.md)."""
+    if backend not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return
+    name = "FSDP" if backend == DistributedType.FSDP else "DeepSpeed"
+    if cfg.fused_backward_pass:
+        raise ConfigError(f"--fused_backward_pass cannot run under {name}: the backend owns the (sharded) gradients; "
+                          "drop the flag and let it shard them")
+    plugin = getattr(state, "deepspeed_plugin", None)
+    shards_weights = backend == DistributedType.FSDP or getattr(plugin, "zero_stage", 0) == 3
+    if cfg.surge.enabled and shards_weights and (cfg.surge.replay_units or cfg.surge.replay_mode == "all"
+                                                 or cfg.surge.lerp_alpha):
+        raise ConfigError(f"unit replay and unit LERP run single units alone, which needs each unit's whole weights "
+                          f"on every rank; {name}{' ZeRO-3' if backend != DistributedType.FSDP else ''} holds only "
+                          "a shard: set surge_replay_units = 0, surge_replay_mode = single and surge_lerp_alpha = 0, "
+                          "or use DDP / ZeRO-2")
 
 
 def memory_plan(cfg: TrainConfig, sources: inputs.Sources, log) -> MemoryPlan | None:  # noqa: ANN001
