@@ -460,3 +460,15 @@ def test_sharded_diffusers_component(tmp_path: Path) -> None:
     index = {"metadata": {}, "weight_map": weight_map}
     (unet_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
     assert_same_weights(bundle, io.load_model(folder))
+
+
+def test_unet_dtype_reads_only_the_unet_in_another_dtype(tmp_path) -> None:
+    """A full_bf16 run reads the UNet straight into bf16 (no fp32 UNet held); the rest stays in `dtype`."""
+    single = io.save_single_file(tiny_sdxl(0), tmp_path / "m.safetensors")
+    for source in (single, io.save_diffusers(io.load_model(single), tmp_path / "m_diffusers")):
+        mixed = io.load_model(source, dtype=torch.float32, unet_dtype=torch.bfloat16)
+        full = io.load_model(source, dtype=torch.float32)
+        assert {p.dtype for p in mixed.unet.parameters()} == {torch.bfloat16}
+        assert {p.dtype for p in mixed.text_encoder_2.parameters()} == {torch.float32}
+        assert all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(mixed.unet.parameters(),
+                                                                          full.unet.parameters()))

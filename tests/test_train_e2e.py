@@ -40,6 +40,15 @@ def test_surge_full_fine_tune_writes_checkpoint_report_and_history(tiny_kit, tmp
     epochs = history["epochs"]
     assert len(epochs) == 1 and epochs[0]["multipliers"]
 
+    # --estimate's flavor cache (probes × seeds × probe timesteps) is what was written, within 10 %
+    from sd_scripts_surge.training.estimate import estimate
+
+    run_cfg = parse_train_args(["--config_file", str(cfg)])
+    width, height = 64, 64
+    predicted = estimate(run_cfg, tiny_kit.base_dir, resolution=(height, width)).total("disk")
+    written = sum(f.stat().st_size for f in (out / "flavor_cache").rglob("*.safetensors"))
+    assert abs(written - predicted) < 0.1 * written, (written, predicted)
+
 
 @pytest.mark.slow
 def test_plain_fine_tune_without_teacher_and_diffusers_output(tiny_kit, tmp_path: Path) -> None:  # noqa: F811

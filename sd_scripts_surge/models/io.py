@@ -32,6 +32,7 @@ from sd_scripts_surge.models.convert import (
     COMPONENT_PREFIXES,
     IGNORED_LDM_KEYS,
     SDXL_TE2_PREFIX,
+    UNET_PREFIX,
     clip_canonical_state_dict,
     clip_module_state_dict,
     components_to_ldm,
@@ -435,6 +436,7 @@ def load_model(
     config_dir: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
+    unet_dtype: torch.dtype | None = None,
 ) -> ModelBundle:
     """Load an SDXL or SD1 checkpoint: a single file (ldm/SAI layout) or a diffusers folder.
 
@@ -442,12 +444,16 @@ def load_model(
     text_encoder/, text_encoder_2/ config.json files override the configs. tokenizer_dir: where tokenizers
     come from for single files (a folder with tokenizer/ [tokenizer_2/], or one CLIP tokenizer folder).
     allow_pickle: opt in to .ckpt/.pt files (loaded with torch.load(weights_only=True)).
+    unet_dtype: read the UNet in this dtype instead of `dtype` (e.g. bf16 for a full_bf16 run: no fp32 UNet is
+    ever held).
     """
     path = Path(path)
     if path.is_dir():
-        return load_diffusers(path, arch=arch, tokenizer_dir=tokenizer_dir, dtype=dtype, allow_pickle=allow_pickle)
+        return load_diffusers(path, arch=arch, tokenizer_dir=tokenizer_dir, dtype=dtype, allow_pickle=allow_pickle,
+                              unet_dtype=unet_dtype)
     return load_single_file(
-        path, arch=arch, tokenizer_dir=tokenizer_dir, config_dir=config_dir, dtype=dtype, allow_pickle=allow_pickle
+        path, arch=arch, tokenizer_dir=tokenizer_dir, config_dir=config_dir, dtype=dtype, allow_pickle=allow_pickle,
+        unet_dtype=unet_dtype,
     )
 
 
@@ -459,10 +465,14 @@ def load_single_file(
     config_dir: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
+    unet_dtype: torch.dtype | None = None,
 ) -> ModelBundle:
     """Load a single-file checkpoint in the original layout; see `load_model`."""
     plan = plan_single_file(path, arch=arch, config_dir=config_dir, allow_pickle=allow_pickle)
-    tensors = plan.src.read(plan.expected, dtype, desc=f"loading {plan.path.name}")
+    unet_keys = [k for k in plan.expected if k.startswith(UNET_PREFIX)]
+    other_keys = [k for k in plan.expected if not k.startswith(UNET_PREFIX)]
+    tensors = plan.src.read(unet_keys, unet_dtype or dtype, desc=f"loading {plan.path.name} (UNet)")
+    tensors |= plan.src.read(other_keys, dtype, desc=f"loading {plan.path.name}")
     components, _ = ldm_to_components(plan.arch, tensors, plan.configs.unet)
     for name, module in plan.modules.items():
         _fill_module(name, module, components[name], str(plan.path))
@@ -576,14 +586,16 @@ def load_diffusers(
     tokenizer_dir: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
+    unet_dtype: torch.dtype | None = None,
 ) -> ModelBundle:
     """Load a diffusers folder (unet/, vae/, text_encoder/[, text_encoder_2/], tokenizer dirs, model_index.json)."""
     plan = plan_diffusers(folder, arch=arch, allow_pickle=allow_pickle)
     modules = {}
     for name, part in plan.components.items():
         tensors: dict[str, Tensor] = {}
+        part_dtype = unet_dtype or dtype if name == "unet" else dtype
         for src, keys in part.by_source():
-            read = src.read(keys, dtype, f"loading {part.folder.name}/{src.path.name}")
+            read = src.read(keys, part_dtype, f"loading {part.folder.name}/{src.path.name}")
             tensors.update({keys[k]: v for k, v in read.items()})
         modules[name] = _fill_module(name, part.module, tensors, str(part.folder))
     bundle = plan.bundle(modules)

@@ -16,8 +16,8 @@ activations are measured by a meta forward + backward graph at the configured ba
 - activations: what autograd saves for backward in one step (saved-tensor hooks on the meta graph); with
   gradient checkpointing, the checkpointed blocks' inputs plus the largest block recomputed in backward;
   halved for tensors autocast keeps in bf16/fp16;
-- on disk: the flavor cache (probes × seeds, every unit's input and output, measured by a meta capture, at
-  flavor_resolution when set).
+- on disk: the flavor cache (probes × seeds × the 4 probe timesteps, every unit's input and output, measured by a
+  meta capture, at flavor_resolution when set).
 
 Numbers are estimates: allocator fragmentation, CUDA context (~0.3–0.5 GB) and kernels' workspaces come on top
 (`overhead`), so a plan within ~10 % of the device size is reported as tight.
@@ -243,9 +243,12 @@ def estimate(cfg: TrainConfig, student_path: str | Path, *, resolution: tuple[in
     if cfg.surge.enabled:
         per_probe = flavor_bytes(unet, cfg.surge.unit_map, height, width, cfg.surge.flavor_resolution or None)
         pooled = f"pooled to {cfg.surge.flavor_resolution}" if cfg.surge.flavor_resolution else "full size"
-        plan.parts.append(Part("flavor cache", per_probe * cfg.surge.probes * cfg.surge.num_seeds, "disk",
-                               f"{cfg.surge.probes} probes × {cfg.surge.num_seeds} seeds, every unit's input and "
-                               f"output, {pooled}"))
+        from sd_scripts_surge.training.surge_setup import PROBE_TIMESTEPS
+
+        samples = cfg.surge.probes * cfg.surge.num_seeds * len(PROBE_TIMESTEPS)
+        plan.parts.append(Part("flavor cache", per_probe * samples, "disk",
+                               f"{cfg.surge.probes} probes × {cfg.surge.num_seeds} seeds × {len(PROBE_TIMESTEPS)} "
+                               f"timesteps, every unit's input and output, {pooled}"))
     return plan
 
 

@@ -79,7 +79,8 @@ def resolve_sources(cfg: TrainConfig, log: Callable[[str], None] = print) -> Sou
 
 
 def load_student(cfg: TrainConfig, sources: Sources) -> ModelBundle:
-    bundle = load_model(sources.student, tokenizer_dir=sources.tokenizer_dir, dtype=torch.float32)
+    bundle = load_model(sources.student, tokenizer_dir=sources.tokenizer_dir, dtype=torch.float32,
+                        unet_dtype=student_unet_dtype(cfg, sources))
     if bundle.arch != "sdxl":
         raise ValueError(f"{sources.student} is an {bundle.arch} checkpoint; train_surge_sdxl.py trains SDXL")
     for module in (bundle.vae, bundle.text_encoder_1, bundle.text_encoder_2):
@@ -89,6 +90,16 @@ def load_student(cfg: TrainConfig, sources: Sources) -> ModelBundle:
         bundle.unet.enable_gradient_checkpointing()
     set_attention_backend(bundle.unet, "xformers" if cfg.xformers and xformers_available() else "sdpa")
     return bundle
+
+
+def student_unet_dtype(cfg: TrainConfig, sources: Sources) -> torch.dtype:
+    """bf16 for a full fine-tune with full_bf16 (the weights would be cast to it anyway, so no fp32 UNet is held
+    while setting up), unless a teacher built from the student's base is to be kept in fp32."""
+    fp32_teacher_base = (cfg.surge.enabled and cfg.surge.teacher_dtype == "float"
+                         and any(spec.path is None for spec in sources.teachers))
+    if cfg.full_bf16 and not cfg.network_module and not fp32_teacher_base:
+        return torch.bfloat16
+    return torch.float32
 
 
 def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:
