@@ -1,4 +1,4 @@
-"""Optimizer step time and state memory: AdaSurge vs torch AdamW, transformers Adafactor, bitsandbytes AdamW8bit.
+"""Optimizer step time and state memory: AdaSurge vs torch AdamW, transformers Adafactor, bitsandbytes 8-bit.
 
 One run, one process, the same SDXL-shaped tensors (~100M parameters: 3x3 convs 320/640/1280 wide, attention
 and GEGLU linears 640x2048, 1280x1280, 1280x5120, 10240x1280, norms and biases) and the same gradients for
@@ -78,13 +78,20 @@ def candidates(params: list[torch.nn.Parameter], lr: float) -> dict[str, Callabl
     }
     try:
         import bitsandbytes as bnb
-
-        if params[0].is_cuda:
-            out["bitsandbytes AdamW8bit"] = lambda: bnb.optim.AdamW8bit(params, lr=lr)
-        else:
-            print("bitsandbytes AdamW8bit: skipped (needs CUDA tensors)")
-    except ImportError:
-        print("bitsandbytes AdamW8bit: skipped (bitsandbytes not importable)")
+    except ImportError as e:
+        print(f"bitsandbytes 8-bit optimizers: skipped (bitsandbytes not importable: {e})")
+        return out
+    for name, cls in (("AdamW8bit", bnb.optim.AdamW8bit), ("PagedAdamW8bit", bnb.optim.PagedAdamW8bit),
+                      ("Lion8bit", bnb.optim.Lion8bit)):
+        probe = torch.nn.Parameter(torch.randn(256, 256, device=params[0].device))
+        probe.grad = torch.randn_like(probe)
+        try:  # this build may not run the 8-bit kernels on this device: skip with its reason
+            cls([probe], lr=lr).step()
+        except Exception as e:  # noqa: BLE001 - any failure of the probe step means "not on this device"
+            print(f"bitsandbytes {name}: skipped ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        out[f"bitsandbytes {name}"] = lambda cls=cls: cls(params, lr=lr)
+    return out
     return out
 
 
