@@ -244,6 +244,9 @@ def train(cfg: TrainConfig) -> Path:
     return final
 
 
+FLAVOR_WARN_BYTES = 8 * 2**30
+
+
 def check_backend(cfg: TrainConfig, backend: DistributedType, state: object = None) -> None:
     """Refuse what a sharding backend (FSDP, DeepSpeed) cannot do, before anything is loaded
     (examples/accelerate/README.md)."""
@@ -277,6 +280,10 @@ def memory_plan(cfg: TrainConfig, sources: inputs.Sources, log) -> MemoryPlan | 
         return None
     device = parse_size(cfg.estimate_device or 0)
     log("memory plan (estimate):\n" + plan.table(device))
+    flavors = plan.total("disk")
+    if flavors > FLAVOR_WARN_BYTES and not cfg.surge.flavor_resolution:
+        log(f"note: the full-size flavor cache will take about {flavors / 2**30:.1f} GiB of disk; "
+            "surge_flavor_resolution = 8 pools it (unit replay then turns off), or lower surge_probes / num_seeds")
     if device and plan.fits(device) == "does NOT fit" and not cfg.estimate:
         raise ConfigError(f"the estimated {plan.total() / 2**30:.1f} GiB (+ overhead) do not fit "
                           f"--estimate_device {cfg.estimate_device}: see the plan above (gradient checkpointing, "
