@@ -198,10 +198,12 @@ def test_pruned_unet_blocks_agree_in_both_layouts():
     ldm_arch = detect_architecture({to_ldm[k]: s for k, s in shapes.items() if k in to_ldm})
     unit_map = mbw_unit_map(student)
     assert "M00" not in unit_map.names and "M00" not in diffusers_arch.blocks
-    assert diffusers_arch.blocks == ldm_arch.blocks == tuple(n for n in unit_map.names if n != "out")
+    assert diffusers_arch.blocks == tuple(n for n in unit_map.names if n != "out")
     assert len(diffusers_arch.blocks) < 20  # fewer than a full SDXL's
     unit_of = unit_of_module_path(unit_map)
     for key in to_ldm:
         unit = unit_of(key.rsplit(".", 1)[0])
-        expected = diffusers_arch.blocks[-1] if unit == "out" else unit
-        assert block_of(key, diffusers_arch) == block_of(to_ldm[key], ldm_arch) == expected, key
+        if unit == "out":  # ldm files keep the standard block list, so their final norm + conv go to its last OUT
+            assert block_of(key, diffusers_arch) == diffusers_arch.blocks[-1], key
+            continue
+        assert block_of(key, diffusers_arch) == block_of(to_ldm[key], ldm_arch) == unit, key

@@ -18,7 +18,8 @@ Blocks
   OUT(3i+j), up_blocks.i.upsamplers → OUT(3i+2), conv_norm_out/conv_out → last OUT, time/add embeddings → BASE.
   (Those offsets are for the standard levels; the levels are counted from the keys, so a UNet with other
   layer counts, e.g. a BK-SDM student, is numbered in execution order the same way. The block list follows
-  the keys too: a UNet without a middle block has no M00.)
+  the keys too for diffusers: a UNet without a middle block has no M00. ldm keys carry their block index
+  themselves, so ldm files keep the standard block list.)
 - SD3: BASE + JB00… (one per ``joint_blocks.N`` / diffusers ``transformer_blocks.N``).
 - Flux: BASE + DB00… (``double_blocks.N`` / diffusers ``transformer_blocks.N``) + SB00…
   (``single_blocks.N`` / ``single_transformer_blocks.N``).
@@ -113,13 +114,13 @@ def detect_architecture(shapes: Mapping[str, Sequence[int]]) -> Architecture:
         n = _max_index(keys, _D_TRANSFORMER) + 1
         return Architecture("sd3", "diffusers", ("BASE", *(f"JB{i:02d}" for i in range(n))))
     if any(_INP.search(k) for k in keys):
-        blocks = unet_blocks(_max_index(keys, _INP) + 1, _max_index(keys, _OUT) + 1,
-                             any(_MID.search(k) for k in keys))
+        # ldm keys name their block (input_blocks.N), so block_of needs no counting; the block list is the
+        # standard table (a partial key set, e.g. a UNet subset, still takes the model's full MBW weights)
         if any(".label_emb." in k for k in keys) or _max_index(keys, _INP) <= 8:
-            return Architecture("sdxl", "ldm", blocks)
+            return Architecture("sdxl", "ldm", SDXL_BLOCKS)
         ctx = _context_dim(shapes, "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
         sd2 = ctx == 1024 or any(k.startswith("cond_stage_model.model.") for k in keys)
-        return Architecture("sd2" if sd2 else "sd1", "ldm", blocks)
+        return Architecture("sd2" if sd2 else "sd1", "ldm", SD1_BLOCKS)
     if any(_D_DOWN.search(k) for k in keys):
         down, up = _diffusers_levels(keys)
         sdxl = any("add_embedding." in k for k in keys)
