@@ -166,7 +166,7 @@ def test_output_config_refuses_invalid_values(tmp_path):
 
 def test_realistic_kohya_gui_sdxl_lora_toml_parses_unchanged(caplog):
     path = DATA / "kohya_sdxl_lora.toml"
-    config_module._warned_ignored.clear()
+    config_module.files._warned_ignored.clear()
     with caplog.at_level(logging.WARNING, logger="sd_scripts_surge.config"):
         cfg = parse_train_args(["--config_file", str(path)])
         parse_train_args(["--config_file", str(path)])

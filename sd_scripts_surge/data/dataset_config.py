@@ -23,70 +23,57 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sd_scripts_surge.config import ConfigError, TrainConfig, load_toml, parse_resolution
+from sd_scripts_surge.config import (
+    BucketOptions,
+    ConfigError,
+    SubsetOptions,
+    TrainConfig,
+    check_options,
+    load_toml,
+    parse_resolution,
+)
+from sd_scripts_surge.config.schema import opt, toml_types
 
 logger = logging.getLogger(__name__)
 
-# key -> expected TOML type(s); float keys accept integers.
-SUBSET_SCHEMA: dict[str, tuple[type, ...]] = {
-    "image_dir": (str,), "num_repeats": (int,), "caption_extension": (str,), "shuffle_caption": (bool,),
-    "keep_tokens": (int,), "keep_tokens_separator": (str,), "class_tokens": (str,), "is_reg": (bool,),
-    "flip_aug": (bool,), "color_aug": (bool,), "random_crop": (bool,), "caption_dropout_rate": (float, int),
-    "caption_tag_dropout_rate": (float, int), "caption_prefix": (str,), "caption_suffix": (str,),
-    "caption_dropout_every_n_epochs": (int,),
-}
 SUBSET_ACCEPTED_UNUSED = {"secondary_separator", "enable_wildcard",
                           "token_warmup_min", "token_warmup_step", "face_crop_aug_range", "alpha_mask", "cache_info",
                           "metadata_file", "conditioning_data_dir", "custom_attributes", "validation_seed",
                           "validation_split", "resize_interpolation"}
-DATASET_SCHEMA: dict[str, tuple[type, ...]] = {
-    "resolution": (int, list), "batch_size": (int,), "enable_bucket": (bool,), "min_bucket_reso": (int,),
-    "max_bucket_reso": (int,), "bucket_reso_steps": (int,), "bucket_no_upscale": (bool,),
-}
 DATASET_ACCEPTED_UNUSED = {"network_multiplier", "debug_dataset", "qwen_image_edit_no_resize_control",
                            "validation_seed", "validation_split"}
-SUBSET_KEYS = set(SUBSET_SCHEMA) | SUBSET_ACCEPTED_UNUSED
-DATASET_KEYS = set(DATASET_SCHEMA) | DATASET_ACCEPTED_UNUSED
-GENERAL_KEYS = SUBSET_KEYS | DATASET_KEYS
 FOLDER_PATTERN = re.compile(r"^(\d+)_(.+)$")
 
 
-@dataclass
-class SubsetConfig:
-    """One folder of images and how its captions are read."""
+@dataclass(kw_only=True)
+class SubsetConfig(SubsetOptions):
+    """One folder of images and how its captions are read: the shared subset options (also flags) plus the keys
+    only a subset has."""
 
-    image_dir: Path
-    num_repeats: int = 1
-    caption_extension: str = ".caption"
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    class_tokens: str | None = None
-    is_reg: bool = False
-    flip_aug: bool = False
-    color_aug: bool = False
-    random_crop: bool = False
-    caption_dropout_rate: float = 0.0
-    caption_tag_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0  # 0: never; n: every caption is dropped in epochs n, 2n, … (from 1)
-    caption_prefix: str = ""
-    caption_suffix: str = ""
+    image_dir: Path = opt(Path(), "folder with the images (required)")
+    num_repeats: int = opt(1, "times each image is seen per epoch", ge=1)
+    class_tokens: str | None = opt(None, "caption for images without a caption file")
+    is_reg: bool = opt(False, "regularisation images (loss weighted by prior_loss_weight)")
     extra: dict[str, Any] = field(default_factory=dict)  # accepted sd-scripts keys this trainer does not use
 
 
-@dataclass
-class DatasetConfig:
+@dataclass(kw_only=True)
+class DatasetConfig(BucketOptions):
     """One `[[datasets]]` table: its subsets and bucket settings. resolution is (width, height)."""
 
     subsets: list[SubsetConfig]
-    resolution: tuple[int, int] = (1024, 1024)
-    batch_size: int = 1
-    enable_bucket: bool = False
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 2048
-    bucket_reso_steps: int = 64
-    bucket_no_upscale: bool = False
+    resolution: tuple[int, int] = opt((1024, 1024), "W,H or one number")
+    batch_size: int = opt(1, "images per batch", ge=1)
+    bucket_no_upscale: bool = opt(False, "keep small images at their size instead of upscaling them to a bucket")
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# key -> expected TOML type(s), from the declarations (float keys accept integers)
+SUBSET_SCHEMA = toml_types(SubsetConfig)
+DATASET_SCHEMA = toml_types(DatasetConfig)
+SUBSET_KEYS = set(SUBSET_SCHEMA) | SUBSET_ACCEPTED_UNUSED
+DATASET_KEYS = set(DATASET_SCHEMA) | DATASET_ACCEPTED_UNUSED
+GENERAL_KEYS = SUBSET_KEYS | DATASET_KEYS
 
 
 def _check_keys(table: dict, allowed: set[str], where: str, path: Path | str) -> None:
@@ -122,18 +109,9 @@ def _subset(values: dict[str, Any], base_dir: Path, where: str) -> SubsetConfig:
     kwargs = {k: v for k, v in values.items() if k in SUBSET_SCHEMA and k != "image_dir"}
     extra = {k: v for k, v in values.items() if k in SUBSET_ACCEPTED_UNUSED}
     subset = SubsetConfig(image_dir=_resolve_dir(values["image_dir"], base_dir), extra=extra, **kwargs)
-    if subset.num_repeats < 1:
-        raise ConfigError(f"{where}: key 'num_repeats' must be ≥ 1, got {subset.num_repeats}")
-    if subset.keep_tokens < 0:
-        raise ConfigError(f"{where}: key 'keep_tokens' must be ≥ 0, got {subset.keep_tokens}")
-    if subset.caption_dropout_every_n_epochs < 0:
-        raise ConfigError(f"{where}: key 'caption_dropout_every_n_epochs' must be ≥ 0, got "
-                          f"{subset.caption_dropout_every_n_epochs}")
+    check_options(subset, where)
     for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-        rate = float(getattr(subset, key))
-        if not 0.0 <= rate <= 1.0:
-            raise ConfigError(f"{where}: key {key!r} must be in [0, 1], got {rate}")
-        setattr(subset, key, rate)
+        setattr(subset, key, float(getattr(subset, key)))
     if subset.caption_extension and not subset.caption_extension.startswith("."):
         subset.caption_extension = "." + subset.caption_extension  # sd-scripts accepts "txt" as well
     return subset
@@ -146,12 +124,9 @@ def _dataset(values: dict[str, Any], subsets: list[SubsetConfig], where: str) ->
         kwargs["resolution"] = parse_resolution(kwargs["resolution"], f"{where}: key 'resolution'")
     extra = {k: v for k, v in values.items() if k in DATASET_ACCEPTED_UNUSED}
     config = DatasetConfig(subsets=subsets, extra=extra, **kwargs)
-    if config.batch_size < 1:
-        raise ConfigError(f"{where}: key 'batch_size' must be ≥ 1, got {config.batch_size}")
-    if config.bucket_reso_steps < 1:
-        raise ConfigError(f"{where}: key 'bucket_reso_steps' must be ≥ 1, got {config.bucket_reso_steps}")
-    if not 0 < config.min_bucket_reso <= config.max_bucket_reso:
-        raise ConfigError(f"{where}: key 'min_bucket_reso' ({config.min_bucket_reso}) must be > 0 and ≤ "
+    check_options(config, where)
+    if config.min_bucket_reso > config.max_bucket_reso:
+        raise ConfigError(f"{where}: key 'min_bucket_reso' ({config.min_bucket_reso}) must be ≤ "
                           f"max_bucket_reso ({config.max_bucket_reso})")
     if config.enable_bucket and min(config.resolution) < config.min_bucket_reso:
         raise ConfigError(f"{where}: key 'min_bucket_reso' ({config.min_bucket_reso}) is larger than the "
@@ -161,18 +136,15 @@ def _dataset(values: dict[str, Any], subsets: list[SubsetConfig], where: str) ->
 
 # Training arguments that are also dataset/subset keys: sd-scripts' config_util looks a key up in the subset,
 # its dataset, [general] and then the command line, so these are defaults that any dataset TOML level overrides.
-CLI_SUBSET_DEFAULTS = ("caption_extension", "shuffle_caption", "keep_tokens", "keep_tokens_separator", "flip_aug",
-                       "color_aug", "random_crop", "caption_dropout_rate", "caption_dropout_every_n_epochs",
-                       "caption_tag_dropout_rate", "caption_prefix", "caption_suffix")
+CLI_SUBSET_DEFAULTS = tuple(toml_types(SubsetOptions))
+CLI_BUCKET_DEFAULTS = tuple(toml_types(BucketOptions))
 
 
 def _cli_defaults(train: TrainConfig | None) -> dict[str, Any]:
     if train is None:
         return {}
-    defaults = {"resolution": list(train.resolution), "batch_size": train.train_batch_size,
-                "enable_bucket": train.enable_bucket, "min_bucket_reso": train.min_bucket_reso,
-                "max_bucket_reso": train.max_bucket_reso, "bucket_reso_steps": train.bucket_reso_steps}
-    defaults.update({key: getattr(train, key) for key in CLI_SUBSET_DEFAULTS if getattr(train, key) is not None})
+    defaults = {"resolution": list(train.resolution), "batch_size": train.train_batch_size}
+    defaults.update({key: getattr(train, key) for key in CLI_SUBSET_DEFAULTS + CLI_BUCKET_DEFAULTS})
     return defaults
 
 

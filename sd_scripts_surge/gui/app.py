@@ -20,7 +20,7 @@ from typing import Any
 import toml
 
 from merge_tools import methods as merge_methods
-from sd_scripts_surge.config import HELP, ConfigError, build_parser, read_config_file, write_config_file
+from sd_scripts_surge.config import ConfigError, build_parser, parse_bool, read_config_file, write_config_file
 from sd_scripts_surge.gui.runner import Job, progress_html
 from sd_scripts_surge.models.fileio import CheckpointError, read_safetensors_header
 from sd_scripts_surge.models.keymap import PRESETS, detect_architecture, preset_weights
@@ -70,7 +70,7 @@ def train_fields() -> list[tuple[str, argparse.Action]]:
 def field_kind(action: argparse.Action) -> str:
     if action.dest in ("optimizer_type", "lr_scheduler") or action.choices:
         return "choice"
-    if isinstance(action, argparse._StoreTrueAction) or getattr(action.type, "__name__", "") == "_bool":
+    if isinstance(action, argparse._StoreTrueAction) or action.type is parse_bool:
         return "bool"
     if action.nargs in ("*", "+") or isinstance(action, argparse._AppendAction):
         return "list"
@@ -88,7 +88,7 @@ def field_choices(action: argparse.Action) -> list[str]:
 
 
 def field_help(action: argparse.Action) -> str:
-    text = action.help if action.help and action.help != argparse.SUPPRESS else HELP.get(action.dest, "")
+    text = action.help if action.help and action.help != argparse.SUPPRESS else ""
     return str(text or "").replace("%%", "%")
 
 
@@ -139,8 +139,7 @@ def train_command(config_path: str | Path, num_processes: int = 1) -> list[str]:
 
 def load_kohya_toml(path: str, fields: Sequence[tuple[str, argparse.Action]]) -> list[Any]:
     """Field values from an existing kohya_ss / sd-scripts TOML (unknown keys: the trainer's own error)."""
-    known = [a.dest for a in build_parser()._actions]
-    values, _ = read_config_file(path, known)
+    values, _ = read_config_file(path)
     out = []
     for _, action in fields:
         value = values.get(action.dest, action.default)
