@@ -65,3 +65,22 @@ def test_surge_bool_flags_take_a_value_or_stand_alone():
     assert parse_train_args(["--surge_keep_mean_lr"]).surge.keep_mean_lr is True
     with pytest.raises(ConfigError, match="'surge_controller'"):
         parse_train_args(["--surge_controller", "maybe"])
+
+
+def test_builders_take_the_options_they_use_not_the_whole_config():
+    """The setup pieces are typed with one option group (or plain values), so a builder's signature says what of
+    the config it reads; only the loop (train.py) and whole-run records (metadata, estimate) see TrainConfig."""
+    import inspect
+    import typing
+
+    from sd_scripts_surge.training import optimization, surge_setup, trainables
+
+    checked = 0
+    for module in (optimization, trainables, surge_setup):
+        for name, fn in inspect.getmembers(module, inspect.isfunction):
+            if fn.__module__ != module.__name__:
+                continue
+            hints = typing.get_type_hints(fn)
+            assert TrainConfig not in hints.values(), f"{module.__name__}.{name} takes the whole TrainConfig"
+            checked += 1
+    assert checked >= 10

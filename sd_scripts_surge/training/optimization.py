@@ -8,18 +8,20 @@ import torch
 from accelerate import Accelerator
 
 from library.surge_optimizer import AdaSurge
-from sd_scripts_surge.config import ConfigError, TrainConfig
+from sd_scripts_surge.config import ConfigError
+from sd_scripts_surge.config.schema import TrainingOptions
 from sd_scripts_surge.training.state import TrainProgress
 
 
 # ------------------------------------------------------------------------------------ optimizer, scheduler
-def build_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainingOptions, groups: list[dict]) -> torch.optim.Optimizer:
+    """The configured optimizer (type, base LR, its key=value args) over the param groups."""
     from sd_scripts_surge.training.optim_registry import create_optimizer
 
     return create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args or [])
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total: int, num_processes: int):
+def build_scheduler(cfg: TrainingOptions, optimizer: torch.optim.Optimizer, total: int, num_processes: int):
     from sd_scripts_surge.training.optim_registry import create_scheduler
 
     # accelerate steps a prepared scheduler once per process per step; scale the counts like sd-scripts.
@@ -61,9 +63,7 @@ def lr_logs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return logs
 
 
-
-
-def fused_backward(cfg: TrainConfig, optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> AdaSurge:
+def fused_backward(max_grad_norm: float, optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> AdaSurge:
     """Hook ADA_SURGE's fused backward pass (`--fused_backward_pass`); returns the AdaSurge to open each step."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
     if not isinstance(inner, AdaSurge):
@@ -72,8 +72,8 @@ def fused_backward(cfg: TrainConfig, optimizer: torch.optim.Optimizer, accelerat
         raise ConfigError("--fused_backward_pass runs in one process: gradients would be applied before DDP "
                           "averages them; drop the flag for multi-process training")
     clip = None
-    if cfg.max_grad_norm:
+    if max_grad_norm:
         def clip(tensor: torch.Tensor) -> None:  # per tensor, as sd-scripts' fused pass does
-            torch.nn.utils.clip_grad_norm_([tensor], cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_([tensor], max_grad_norm)
     inner.register_fused_backward(clip)
     return inner

@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from sd_scripts_surge.config import ConfigError, TrainConfig
+from sd_scripts_surge.config import ConfigError, SurgeConfig
 from sd_scripts_surge.data import TrainData
 from sd_scripts_surge.data.captions import caption_varies
 from sd_scripts_surge.models.bundle import ModelBundle
@@ -31,10 +31,9 @@ from sd_scripts_surge.training.inputs import Sources
 PROBE_TIMESTEPS = (150, 450, 750, 950)
 
 
-def build_controller(cfg: TrainConfig, unit_map: UnitMap) -> UnitLRController:
-    config = ControllerConfig(shock_rate=cfg.surge.shock_rate, smooth_rate=cfg.surge.smooth_rate,
-                              max_hops=cfg.surge.max_hops, anchor_grasp=cfg.surge.anchor_grasp,
-                              keep_mean=cfg.surge.keep_mean_lr, rule=cfg.surge.lr_rule)
+def build_controller(cfg: SurgeConfig, unit_map: UnitMap) -> UnitLRController:
+    config = ControllerConfig(shock_rate=cfg.shock_rate, smooth_rate=cfg.smooth_rate, max_hops=cfg.max_hops,
+                              anchor_grasp=cfg.anchor_grasp, keep_mean=cfg.keep_mean_lr, rule=cfg.lr_rule)
     return UnitLRController(unit_map, hop_distances(unit_map), config)
 
 
@@ -78,14 +77,17 @@ def _probe_set(data: TrainData, captions: list[str], latents: torch.Tensor | Non
                        added_cond=added)
 
 
-def build_surge(cfg: TrainConfig, sources: Sources, student: ModelBundle, unit_map: UnitMap, data: TrainData,
-                alphas_cumprod: torch.Tensor, accelerator: Accelerator, log: Callable[[str], None]) -> SurgeSetup:
+def build_surge(cfg: SurgeConfig, sources: Sources, student: ModelBundle, unit_map: UnitMap, data: TrainData,
+                alphas_cumprod: torch.Tensor, accelerator: Accelerator, log: Callable[[str], None], *,
+                output_dir: str | Path, learning_rate: float) -> SurgeSetup:
+    """Teacher, probes, flavor cache and replay settings. The flavor cache defaults to <output_dir>/flavor_cache
+    and replay's LR to learning_rate × 0.1."""
     if not sources.teachers:
         raise ValueError("surge training needs a teacher: --teacher_model (and/or --teacher_lora), or "
                          "[[surge.teachers]] in the config; use --surge false for a plain fine-tune")
     # Specs without a path hook their LoRAs into a frozen copy of the student (never the student itself): its UNet
     # cast to the teacher's dtype while copying, its frozen text encoders and VAE shared, not copied.
-    storage = cfg.surge.teacher_dtype
+    storage = cfg.teacher_dtype
     base = frozen_copy(student, compute_dtype(storage)) if any(s.path is None for s in sources.teachers) else None
     teacher = build_teacher(sources.teachers, base=base, device=accelerator.device,
                             tokenizer_dir=sources.tokenizer_dir, load_dtype=compute_dtype(storage))
@@ -93,17 +95,17 @@ def build_surge(cfg: TrainConfig, sources: Sources, student: ModelBundle, unit_m
         set_unet_precision(expert.unet, storage, expert.networks)
     log(teacher.describe() + ("" if storage == "float" else f"; teacher UNet stored as {storage}"))
     teacher_module = teacher.unet if teacher.mode == "single" else None
-    if teacher_module is None and cfg.surge.traj_weight:
+    if teacher_module is None and cfg.traj_weight:
         log("trajectory loss needs one teacher network; with several experts it is off (output KD stays on)")
 
-    seeds = list(range(cfg.surge.num_seeds))
-    count = max(1, cfg.surge.probes)
+    seeds = list(range(cfg.num_seeds))
+    count = max(1, cfg.probes)
     captions, latents = data.probe_examples(count)
     probes = _probe_set(data, captions, latents, seeds, alphas_cumprod)
     eval_captions = (sources.prompts or captions)[:count]
     eval_probes = _probe_set(data, eval_captions, None, [1000 + s for s in seeds[:1]], alphas_cumprod)
 
-    options = CaptureOptions(pool_to=cfg.surge.flavor_resolution or None)
+    options = CaptureOptions(pool_to=cfg.flavor_resolution or None)
     capture_teacher = teacher_module if teacher_module is not None else teacher.unet
     teacher_map = aligned_teacher_map(unit_map, student.unet, capture_teacher)
     if teacher_map is not unit_map:
@@ -111,20 +113,20 @@ def build_surge(cfg: TrainConfig, sources: Sources, student: ModelBundle, unit_m
             "by stage (units.aligned_teacher_map)")
     key = make_cache_key(capture_teacher, probes, teacher_map, torch.float32, options, loras=teacher.lora_files())
     key = type(key)(**{**key.__dict__, "teacher": teacher_fingerprint(teacher)})
-    cache_dir = Path(cfg.surge.flavor_cache_dir or Path(cfg.output_dir) / "flavor_cache")
+    cache_dir = Path(cfg.flavor_cache_dir or Path(output_dir) / "flavor_cache")
     store = build_or_load_flavors(cache_dir, capture_teacher, teacher_map, probes, key, batch_size=8, options=options,
                                   device=accelerator.device, log=log)
-    replay_units = cfg.surge.replay_units
+    replay_units = cfg.replay_units
     if options.pool_to and replay_units:
         log("unit replay needs full-size flavors; it is off because surge flavor_resolution is set")
         replay_units = 0
     scales = scales_from_flavors(store, trajectory_units(unit_map))
     rules = ZoneRules()
     lerp_teacher = None
-    if cfg.surge.lerp_alpha:
+    if cfg.lerp_alpha:
         lerp_teacher = lerp_target(teacher, student.unet)
     setup = SurgeSetup(teacher, teacher_module, probes, eval_probes, store, options, rules, replay_units,
-                       cfg.surge.replay_lr or (cfg.learning_rate * 0.1), cfg.surge.replay_mode, scales, teacher_map)
+                       cfg.replay_lr or (learning_rate * 0.1), cfg.replay_mode, scales, teacher_map)
     setup.lerp_teacher = lerp_teacher
     return setup
 
@@ -143,17 +145,18 @@ def lerp_target(teacher: Teacher, student_unet: nn.Module) -> nn.Module:
     return teacher.unet
 
 
-def build_loss(cfg: TrainConfig, unit_map: UnitMap, alphas_cumprod: torch.Tensor,
-               surge: SurgeSetup | None) -> DistillLoss:
+def build_loss(cfg: SurgeConfig, unit_map: UnitMap, alphas_cumprod: torch.Tensor, surge: SurgeSetup | None, *,
+               v_prediction: bool, min_snr_gamma: float | None) -> DistillLoss:
+    """The denoising loss alone without surge; with it, the surge weights of task, output KD, trajectory and
+    feature terms."""
     if surge is None:
         weights = LossWeights(task=1.0, out=0.0, traj=0.0)
         scales = None
     else:
-        weights = LossWeights(task=cfg.surge.w_task, out=cfg.surge.w_out, traj=cfg.surge.traj_weight,
-                              feature=cfg.surge.feature_weight)
+        weights = LossWeights(task=cfg.w_task, out=cfg.w_out, traj=cfg.traj_weight, feature=cfg.feature_weight)
         scales = surge.scales
-    return DistillLoss(unit_map, alphas_cumprod, weights, scales=scales, v_prediction=cfg.v_parameterization,
-                       min_snr_gamma=cfg.min_snr_gamma, teacher_map=surge.teacher_map if surge else None)
+    return DistillLoss(unit_map, alphas_cumprod, weights, scales=scales, v_prediction=v_prediction,
+                       min_snr_gamma=min_snr_gamma, teacher_map=surge.teacher_map if surge else None)
 
 
 def check_cacheable(data: TrainData) -> None:
@@ -166,12 +169,12 @@ def check_cacheable(data: TrainData) -> None:
                               f"{subset.image_dir} uses {what}; turn it off or use surge_teacher = \"live\"")
 
 
-def build_target_cache(cfg: TrainConfig, surge: SurgeSetup, loss_fn: DistillLoss, data: TrainData,
-                       alphas_cumprod: torch.Tensor, accelerator: Accelerator,
-                       log: Callable[[str], None]) -> TargetCache:
+def build_target_cache(cfg: SurgeConfig, surge: SurgeSetup, loss_fn: DistillLoss, data: TrainData,
+                       alphas_cumprod: torch.Tensor, accelerator: Accelerator, log: Callable[[str], None], *,
+                       seed: int, noise_offset: float | None) -> TargetCache:
     """DESIGN §3 G: the teacher's answers for every entry × draw (and the eval probes), computed once."""
     check_cacheable(data)
-    cache = TargetCache(cfg.surge.target_draws, cfg.seed, cfg.noise_offset or 0.0)
+    cache = TargetCache(cfg.target_draws, seed, noise_offset or 0.0)
 
     def batches():
         for entries in data.sampler.all_batches(0):  # every entry, whichever rank trains it in an epoch
@@ -181,7 +184,7 @@ def build_target_cache(cfg: TrainConfig, surge: SurgeSetup, loss_fn: DistillLoss
 
     cache.build(batches, len(data.dataset.entries),
                 lambda kwargs: loss_fn.teacher_targets(surge.teacher_call, surge.teacher_module, kwargs),
-                alphas_cumprod, parse_size(cfg.surge.cache_budget), log)
+                alphas_cumprod, parse_size(cfg.cache_budget), log)
     with torch.no_grad():
         surge.eval_teacher = [surge.teacher_call(surge.eval_probes.unet_kwargs(index, device=accelerator.device))
                               .float() for index in surge.eval_probes.batches(8)]

@@ -28,6 +28,7 @@ from sd_scripts_surge.data.dataset import load_datasets
 from sd_scripts_surge.models.fileio import parse_size
 from sd_scripts_surge.surge.distill import noise_batch, noised_batch, surge_epoch_update
 from sd_scripts_surge.surge.losses import prior_loss_weights
+from sd_scripts_surge.surge.units import build_unit_map
 from sd_scripts_surge.training import (
     checkpoints,
     evaluation,
@@ -85,13 +86,13 @@ def train(cfg: TrainConfig) -> Path:
         student = inputs.load_student(cfg, sources)
         data = inputs.build_data(cfg, sources, student, accelerator, log)
     trainable = trainables.make_trainable(cfg, student, log)
-    unit_map = trainables.unit_map_for(cfg, student.unet)
+    unit_map = build_unit_map(student.unet, cfg.surge.unit_map)
     groups = trainables.param_groups(cfg, trainable, unit_map)
     steps_per_epoch = math.ceil(len(data.sampler.rank_batches()) / cfg.gradient_accumulation_steps)
     total_steps = trainables.total_steps(cfg, steps_per_epoch)
     optimizer = optimization.build_optimizer(cfg, groups)
     scheduler = optimization.build_scheduler(cfg, optimizer, total_steps, accelerator.num_processes)
-    controller = surge_setup.build_controller(cfg, unit_map)
+    controller = surge_setup.build_controller(cfg.surge, unit_map)
     alphas_cumprod = surge_setup.noise_schedule(student)
     log(f"training {trainable.description}: {sum(p.numel() for g in groups for p in g['params']):,} parameters "
         f"in {len(groups)} groups; {steps_per_epoch} steps/epoch, {total_steps} optimizer steps")
@@ -99,8 +100,10 @@ def train(cfg: TrainConfig) -> Path:
     surge = None
     if cfg.surge.enabled:
         with accelerator.main_process_first():
-            surge = surge_setup.build_surge(cfg, sources, student, unit_map, data, alphas_cumprod, accelerator, log)
-    loss_fn = surge_setup.build_loss(cfg, unit_map, alphas_cumprod, surge)
+            surge = surge_setup.build_surge(cfg.surge, sources, student, unit_map, data, alphas_cumprod, accelerator,
+                                            log, output_dir=cfg.output_dir, learning_rate=cfg.learning_rate)
+    loss_fn = surge_setup.build_loss(cfg.surge, unit_map, alphas_cumprod, surge, v_prediction=cfg.v_parameterization,
+                                     min_snr_gamma=cfg.min_snr_gamma)
     trainables.apply_full_bf16(cfg, trainable, log)
 
     if trainable.network is None:
@@ -109,7 +112,7 @@ def train(cfg: TrainConfig) -> Path:
         trainable.module, optimizer, scheduler = accelerator.prepare(trainable.module, optimizer, scheduler)
         unet = student.unet.to(accelerator.device)
     student_module = accelerator.unwrap_model(unet)
-    fused = optimization.fused_backward(cfg, optimizer, accelerator) if cfg.fused_backward_pass else None
+    fused = optimization.fused_backward(cfg.max_grad_norm, optimizer, accelerator) if cfg.fused_backward_pass else None
     synced = unet if trainable.network is None else trainable.module  # what DDP wraps
     progress = TrainProgress(seed=cfg.seed)
     for obj in (progress, data.sampler, controller):
@@ -124,7 +127,8 @@ def train(cfg: TrainConfig) -> Path:
     clock = {"start": time.perf_counter(), "excluded": 0.0}  # wall time of training, evaluation excluded
     targets = None  # DESIGN §3 G: the teacher answered ahead of time (built inside the clock: it is training time)
     if surge is not None and cfg.surge.teacher == "cached":
-        targets = surge_setup.build_target_cache(cfg, surge, loss_fn, data, alphas_cumprod, accelerator, log)
+        targets = surge_setup.build_target_cache(cfg.surge, surge, loss_fn, data, alphas_cumprod, accelerator, log,
+                                                 seed=cfg.seed, noise_offset=cfg.noise_offset)
         if accelerator.device.type != "cpu":  # not needed on the device until the final teacher samples
             surge.teacher.to("cpu")
             log("teacher moved to CPU memory while training from cached targets")

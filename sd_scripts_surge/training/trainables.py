@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sd_scripts_surge.config import TrainConfig
+from sd_scripts_surge.config.schema import NetworkOptions, TrainingOptions
 from sd_scripts_surge.models.bundle import ModelBundle
 from sd_scripts_surge.surge.controller import build_unit_param_groups
-from sd_scripts_surge.surge.units import UnitMap, build_unit_map
+from sd_scripts_surge.surge.units import UnitMap
 from sd_scripts_surge.training.block_lr import apply_block_lr
 
 
@@ -39,7 +39,7 @@ class Trainable:
         return [(n, p) for n, p in self.named if lookup(n) == unit]
 
 
-def make_trainable(cfg: TrainConfig, student: ModelBundle, log: Callable[[str], None]) -> Trainable:
+def make_trainable(cfg: NetworkOptions, student: ModelBundle, log: Callable[[str], None]) -> Trainable:
     if not cfg.network_module:
         student.unet.requires_grad_(True).train()
         return Trainable("the full UNet", student.unet, None, list(student.unet.named_parameters()))
@@ -64,7 +64,7 @@ def make_trainable(cfg: TrainConfig, student: ModelBundle, log: Callable[[str], 
     return Trainable(f"a LoRA (dim {network.lora_dim}, alpha {network.alpha}) on the UNet", network, network, named)
 
 
-def apply_full_bf16(cfg: TrainConfig, trainable: Trainable, log: Callable[[str], None]) -> None:
+def apply_full_bf16(cfg: TrainingOptions, trainable: Trainable, log: Callable[[str], None]) -> None:
     """sd-scripts' --full_bf16: the trained weights themselves in bf16 (half the memory of weights and grads).
 
     Called after the teacher is built, so a teacher hooked onto a copy of the student keeps fp32 weights.
@@ -79,11 +79,8 @@ def apply_full_bf16(cfg: TrainConfig, trainable: Trainable, log: Callable[[str],
     log("full_bf16: trained weights are kept in bf16")
 
 
-def unit_map_for(cfg: TrainConfig, unet: nn.Module) -> UnitMap:
-    return build_unit_map(unet, cfg.surge.unit_map)
-
-
-def param_groups(cfg: TrainConfig, trainable: Trainable, unit_map: UnitMap) -> list[dict]:
+def param_groups(cfg: TrainingOptions, trainable: Trainable, unit_map: UnitMap) -> list[dict]:
+    """One group per unit at the UNet LR (split further per sd-scripts block with --block_lr)."""
     trainable.unit_map = unit_map
     lr = cfg.unet_lr or cfg.learning_rate
     groups = build_unit_param_groups(trainable.module, unit_map, lr, named_parameters=trainable.named)
@@ -93,7 +90,7 @@ def param_groups(cfg: TrainConfig, trainable: Trainable, unit_map: UnitMap) -> l
     return groups
 
 
-def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+def total_steps(cfg: TrainingOptions, steps_per_epoch: int) -> int:
     if cfg.max_train_epochs:
         return cfg.max_train_epochs * steps_per_epoch
     return cfg.max_train_steps
