@@ -101,3 +101,86 @@ def test_parse_size():
     assert parse_size("1.5 gb") == int(1.5 * 2**30) and parse_size("2048") == 2048
     with pytest.raises(ValueError, match="size like"):
         parse_size("lots")
+
+
+def _disk_setup(setup):
+    teacher, unit_map, latents, context, added = setup
+    alphas = scaled_linear_alphas_cumprod()
+    loss_fn = DistillLoss(unit_map, alphas, LossWeights(task=1.0, out=1.0, traj=0.5),
+                          scales={u: 1.0 for u in trajectory_units(unit_map)})
+    calls = {"n": 0, "fail_after": None}
+
+    def answer(kw):
+        if calls["fail_after"] is not None and calls["n"] >= calls["fail_after"]:
+            raise KeyboardInterrupt  # Ctrl-C mid-capture
+        calls["n"] += 1
+        return loss_fn.teacher_targets(lambda k: teacher(**k).sample, teacher, kw)
+
+    def batches(scale=1.0):
+        def gen():
+            for chunk in ([0, 1], [2, 3], [4, 5]):
+                yield chunk, latents[chunk] * scale, {"encoder_hidden_states": context[chunk],
+                                                      "added_cond_kwargs": {k: v[chunk] for k, v in added.items()}}
+        return gen
+    return alphas, answer, batches, calls
+
+
+def test_disk_shards_equal_memory_and_are_reused_checked_and_resumed(setup, tmp_path):
+    alphas, answer, batches, calls = _disk_setup(setup)
+    quiet = lambda s: None  # noqa: E731
+    memory = TargetCache(draws=2, seed=5)
+    memory.build(batches(), 6, answer, alphas, log=quiet)
+    calls["n"] = 0
+    disk = TargetCache(draws=2, seed=5, directory=tmp_path / "t", key={"teacher": "abc"})
+    disk.build(batches(), 6, answer, alphas, log=quiet)
+    assert calls["n"] == 6 and len(disk) == 12 and disk.built_shards == 6
+    for draw in (0, 1):
+        a, b = memory.targets([5, 0, 3], draw, "cpu"), disk.targets([5, 0, 3], draw, "cpu")
+        assert torch.equal(a.prediction, b.prediction) and a.pairs.keys() == b.pairs.keys()
+        for unit, (h_in, h_out) in a.pairs.items():
+            assert torch.equal(h_out, b.pairs[unit][1])
+            other_in = b.pairs[unit][0]
+            assert (h_in is None) == (other_in is None) and (h_in is None or torch.equal(h_in, other_in))
+
+    # same teacher, data and seed: nothing is recomputed
+    calls["n"] = 0
+    again = TargetCache(draws=2, seed=5, directory=tmp_path / "t", key={"teacher": "abc"})
+    again.build(batches(), 6, answer, alphas, log=quiet)
+    assert calls["n"] == 0 and again.reused_shards == 6
+    assert torch.equal(again.targets([4], 1, "cpu").prediction, memory.targets([4], 1, "cpu").prediction)
+
+    # a corrupt shard is found by its checksum and rebuilt alone
+    shard = sorted((tmp_path / "t").glob("draw001-*.safetensors"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    logs: list[str] = []
+    calls["n"] = 0
+    TargetCache(draws=2, seed=5, directory=tmp_path / "t", key={"teacher": "abc"}).build(
+        batches(), 6, answer, alphas, log=logs.append)
+    assert calls["n"] == 1 and any("checksum" in line for line in logs)
+
+    # changed inputs rebuild every shard of that data; another teacher empties the folder
+    calls["n"] = 0
+    TargetCache(draws=2, seed=5, directory=tmp_path / "t", key={"teacher": "abc"}).build(
+        batches(scale=2.0), 6, answer, alphas, log=quiet)
+    assert calls["n"] == 6
+    calls["n"] = 0
+    logs.clear()
+    TargetCache(draws=2, seed=5, directory=tmp_path / "t", key={"teacher": "other"}).build(
+        batches(scale=2.0), 6, answer, alphas, log=logs.append)
+    assert calls["n"] == 6 and any("another teacher" in line for line in logs)
+    assert len(list((tmp_path / "t").glob("*.safetensors"))) == 6
+
+
+def test_interrupted_disk_capture_resumes_where_it_stopped(setup, tmp_path):
+    alphas, answer, batches, calls = _disk_setup(setup)
+    calls["fail_after"] = 4
+    with pytest.raises(KeyboardInterrupt):
+        TargetCache(draws=2, seed=1, directory=tmp_path, key={}).build(batches(), 6, answer, alphas,
+                                                                        log=lambda s: None)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4 and not list(tmp_path.glob(".*.tmp"))
+    calls["n"], calls["fail_after"] = 0, None
+    resumed = TargetCache(draws=2, seed=1, directory=tmp_path, key={})
+    resumed.build(batches(), 6, answer, alphas, log=lambda s: None)
+    assert calls["n"] == 2 and resumed.reused_shards == 4 and len(resumed) == 12

@@ -221,6 +221,24 @@ def test_cached_teacher_trains_from_targets_and_refuses_varying_inputs(tiny_kit,
 
 
 @pytest.mark.slow
+def test_disk_target_cache_trains_the_same_weights_and_is_reused(tiny_kit, tmp_path: Path, capsys) -> None:  # noqa: F811
+    """--surge_target_cache_dir: the shards give the same training as the in-memory cache, and a second run with the
+    same teacher, data and seed reuses every shard instead of running the teacher again."""
+    finals = {}
+    for name, extra in (("memory", []), ("disk", ["--surge_target_cache_dir", str(tmp_path / "targets")]),
+                        ("again", ["--surge_target_cache_dir", str(tmp_path / "targets")])):
+        cfg = write_config(tmp_path / f"{name}.toml", tiny_kit, tmp_path / name, steps=3)
+        finals[name] = train(parse_train_args(["--config_file", str(cfg), "--surge_teacher", "cached",
+                                               "--surge_replay_units", "0", *extra]))
+        finals[name + "_log"] = capsys.readouterr().out
+    assert "in memory" in finals["memory_log"]
+    assert ", 0 reused)" in finals["disk_log"] and "(0 shards computed," in finals["again_log"]
+    weights = {k: unet_tensors(finals[k]) for k in ("memory", "disk", "again")}
+    for key, value in weights["memory"].items():
+        assert torch.equal(value, weights["disk"][key]) and torch.equal(value, weights["again"][key]), key
+
+
+@pytest.mark.slow
 def test_fused_backward_pass_trains_the_same_weights_as_the_unfused_path(tiny_kit, tmp_path: Path) -> None:  # noqa: F811
     finals = {}
     for fused in (False, True):

@@ -344,6 +344,10 @@ class SurgeConfig:
                              "to bf16 only while it runs)", choices=("float", "fp16", "bf16", "fp8"))
     target_draws: int = opt(1, "cached teacher: (timestep, noise) draws per image; epoch e trains on draw e mod K",
                             ge=1)
+    target_cache_dir: str | None = opt(None, "cached teacher: keep the targets on disk in this folder as "
+                                       "checksummed safetensors shards, read back memory-mapped; an interrupted "
+                                       "capture resumes, and later runs reuse them while teacher, data and seed "
+                                       "match (unset: in memory)")
     cache_budget: str = opt("0", "cached teacher: refuse a target cache larger than this (e.g. 8GB, 512MB; 0: no "
                             "limit)")
     replay_lr: float | None = opt(None, "LR of replay (default learning_rate × 0.1)", gt=0)

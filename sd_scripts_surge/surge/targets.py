@@ -7,21 +7,39 @@ Epoch e trains entry i on draw e mod K, so with K draws the teacher runs K times
 follow, and no draw depends on the run's history (a resumed run sees exactly the same targets).
 
 The cache needs each entry's inputs to be the same every epoch: captions that never vary (no shuffle, dropout)
-and no flip_aug; `check_cacheable` says which subset breaks that. It lives in memory; `estimate_bytes` gives the
-size before the capture starts and `max_bytes` (`--surge_cache_budget`) refuses a cache that would not fit.
+and no flip_aug; `check_cacheable` says which subset breaks that. The size and time are estimated from the first
+batch and printed before the rest runs; `max_bytes` (`--surge_cache_budget`) refuses a cache that would not fit.
+
+It lives in memory, or with `directory` (`--surge_target_cache_dir`) on disk as one safetensors shard per
+(draw, build batch), read back tensor by tensor (memory-mapped) while training:
+- `manifest.json` records the cache key (teacher fingerprint, seed, noise offset, noise schedule, dtype) and per
+  shard its entries, a sha256 of the batch's inputs (latents and conditioning) and the file's sha256.
+- A different key makes every shard stale: they are deleted and rebuilt. A shard whose inputs changed, whose file
+  is missing or whose checksum does not match is rebuilt alone (the teacher runs for it only).
+- Shards are written through a temp file and the manifest is rewritten after each one, so an interrupted capture
+  (Ctrl-C, a crash, a full disk) resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from sd_scripts_surge.models.fileio import atomic_output, ensure_free_space, save_safetensors_atomic
 from sd_scripts_surge.surge.losses import add_noise, apply_noise_offset
+
+logger = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+FORMAT = 1
 
 Pairs = dict[str, tuple[torch.Tensor | None, torch.Tensor]]
 
@@ -76,15 +94,70 @@ def draw_noise(seed: int, entry: int, draw: int, shape: Sequence[int], noise_off
     return noise[0], t
 
 
-class TargetCache:
-    """Per (entry, draw) teacher targets in memory; `draw_of(epoch)` picks the draw an epoch trains on."""
+def _tensor_sha(h: Any, value: Any) -> None:
+    """Feed tensors (nested in dicts/lists) into a hash, in a fixed order, by dtype, shape and bytes."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(value, dict):
+        for k in sorted(value):
+            h.update(str(k).encode())
+            _tensor_sha(h, value[k])
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _tensor_sha(h, v)
+    elif value is not None:
+        h.update(repr(value).encode())
 
-    def __init__(self, draws: int, seed: int, noise_offset: float = 0.0) -> None:
+
+def inputs_digest(entries: Sequence[int], latents: torch.Tensor, kwargs: dict) -> str:
+    """sha256 of what the teacher is given for a batch besides the draws: entries, latents, conditioning."""
+    h = hashlib.sha256(json.dumps([int(e) for e in entries]).encode())
+    _tensor_sha(h, latents)
+    _tensor_sha(h, kwargs)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _to_tensors(entries: Sequence[int], answer: TeacherTargets) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for i, entry in enumerate(entries):
+        item = answer.item(i)
+        out[f"{entry}|prediction"] = item.prediction
+        for unit, (h_in, h_out) in (item.pairs or {}).items():
+            if h_in is not None:
+                out[f"{entry}|in|{unit}"] = h_in
+            out[f"{entry}|out|{unit}"] = h_out
+    return out
+
+
+class TargetCache:
+    """Per (entry, draw) teacher targets, in memory or in disk shards; `draw_of(epoch)` picks an epoch's draw."""
+
+    def __init__(self, draws: int, seed: int, noise_offset: float = 0.0, directory: str | Path | None = None,
+                 key: dict[str, Any] | None = None) -> None:
         if draws < 1:
             raise ValueError(f"surge target draws must be ≥ 1 (got {draws})")
         self.draws, self.seed, self.noise_offset = draws, seed, noise_offset
-        self.items: dict[tuple[int, int], TeacherTargets] = {}
+        self.items: dict[tuple[int, int], TeacherTargets] = {}  # in memory (no directory)
+        self.directory = None if directory is None else Path(directory)
+        self.key = {"format": FORMAT, "seed": seed, "noise_offset": noise_offset, **(key or {})}
+        self.shard_of: dict[tuple[int, int], str] = {}  # (entry, draw) → shard file name (on disk)
+        self._open: dict[str, Any] = {}  # shard name → safe_open handle
+        self._keys: dict[str, dict[str, list[str]]] = {}  # shard name → entry → its tensor names
         self.capture_seconds = 0.0
+        self.reused_shards = self.built_shards = 0
+
+    def __len__(self) -> int:
+        return len(self.shard_of) if self.directory is not None else len(self.items)
 
     def draw_of(self, epoch: int) -> int:
         return epoch % self.draws
@@ -96,50 +169,148 @@ class TargetCache:
         return torch.stack([n for n, _ in drawn]), torch.tensor([t for _, t in drawn], dtype=torch.long)
 
     def targets(self, entries: Sequence[int], draw: int, device: torch.device | str) -> TeacherTargets:
-        missing = [e for e in entries if (e, draw) not in self.items]
+        known = self.shard_of if self.directory is not None else self.items
+        missing = [e for e in entries if (e, draw) not in known]
         if missing:
             raise KeyError(f"no cached teacher targets for entries {missing[:5]} (draw {draw}); the cache was built "
                            "for another dataset or seed")
-        return TeacherTargets.stack([self.items[(e, draw)] for e in entries], device)
+        if self.directory is None:
+            return TeacherTargets.stack([self.items[(e, draw)] for e in entries], device)
+        return TeacherTargets.stack([self._read(e, draw) for e in entries], device)
+
+    def _read(self, entry: int, draw: int) -> TeacherTargets:
+        from safetensors import safe_open
+
+        name = self.shard_of[(entry, draw)]
+        if name not in self._open:
+            self._open[name] = safe_open(str(self.directory / name), framework="pt")
+            index: dict[str, list[str]] = {}
+            for k in self._open[name].keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                index.setdefault(k.partition("|")[0], []).append(k)
+            self._keys[name] = index
+        f = self._open[name]
+        ins: dict[str, torch.Tensor] = {}
+        outs: dict[str, torch.Tensor] = {}
+        for k in self._keys[name].get(str(entry), []):
+            kind, _, unit = k.partition("|")[2].partition("|")
+            if kind in ("in", "out"):
+                (ins if kind == "in" else outs)[unit] = f.get_tensor(k)
+        pairs = {u: (ins.get(u), h_out) for u, h_out in outs.items()} or None
+        return TeacherTargets(f.get_tensor(f"{entry}|prediction"), pairs)
 
     def nbytes(self) -> int:
+        if self.directory is not None:
+            return sum((self.directory / n).stat().st_size for n in set(self.shard_of.values()))
         return sum(item.nbytes() for item in self.items.values())
+
+    # ---------------------------------------------------------------------------------------------- build
+    def _load_manifest(self, log: Callable[[str], None]) -> dict[str, dict]:
+        """The shards recorded for this key; a manifest of another key (or unreadable) empties the folder."""
+        assert self.directory is not None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / MANIFEST
+        if not path.is_file():
+            return {}
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            if manifest.get("key") == self.key:
+                return dict(manifest.get("shards", {}))
+            log(f"teacher targets in {self.directory} were built for another teacher, seed or schedule: rebuilding")
+        except (OSError, ValueError) as e:
+            log(f"teacher targets: {path} is unreadable ({e}); rebuilding")
+        for old in self.directory.glob("*.safetensors"):
+            old.unlink()
+        path.unlink()
+        return {}
+
+    def _write_manifest(self, shards: dict[str, dict]) -> None:
+        assert self.directory is not None
+        with atomic_output(self.directory / MANIFEST) as tmp:
+            tmp.write_text(json.dumps({"key": self.key, "shards": shards}, indent=1, sort_keys=True), encoding="utf-8")
+
+    def _reusable(self, name: str, record: dict | None, digest: str, log: Callable[[str], None]) -> bool:
+        if record is None or record.get("inputs") != digest:
+            return False
+        path = self.directory / name  # type: ignore[operator]
+        if not path.is_file():
+            log(f"teacher targets: shard {name} is missing; rebuilding it")
+            return False
+        if file_sha256(path) != record.get("sha256"):
+            log(f"teacher targets: shard {name} fails its checksum (corrupt or changed); rebuilding it")
+            return False
+        return True
 
     def build(self, batches: Callable[[], Iterable[tuple[Sequence[int], torch.Tensor, dict]]], total_entries: int,
               teacher: Callable[[dict], TeacherTargets], alphas_cumprod: torch.Tensor, max_bytes: int = 0,
               log: Callable[[str], None] = print) -> None:
         """Run the teacher on every entry × draw. `batches()` yields (entries, latents, unet kwargs without sample
         and timestep); `teacher(kwargs)` answers one noised batch. The size and time are estimated from the first
-        batch and printed before the rest runs; over `max_bytes` (when > 0) is an error before any more work."""
+        batch the teacher answers and printed before the rest runs; over `max_bytes` (when > 0), or over the free
+        disk space of `directory`, is an error before any more work. Valid disk shards are reused, not recomputed."""
         started = time.perf_counter()
+        shards = self._load_manifest(log) if self.directory is not None else {}
+        kept: dict[str, dict] = {}
         done, estimated = 0, False
         bar = tqdm(total=total_entries * self.draws, desc="teacher targets", dynamic_ncols=True)
         try:
             for draw in range(self.draws):
-                for entries, latents, kwargs in batches():
+                for index, (entries, latents, kwargs) in enumerate(batches()):
+                    name = f"draw{draw:03d}-batch{index:06d}.safetensors"
+                    if self.directory is not None:
+                        digest = inputs_digest(entries, latents, kwargs)
+                        if self._reusable(name, shards.get(name), digest, log):
+                            kept[name] = shards[name]
+                            self.shard_of.update({(int(e), draw): name for e in entries})
+                            self.reused_shards += 1
+                            bar.update(len(entries))
+                            continue
                     noise, t = self.noise(entries, draw, latents.shape[1:])
                     noise, t = noise.to(latents.device, latents.dtype), t.to(latents.device)
                     noised = {**kwargs, "sample": add_noise(latents, noise, t, alphas_cumprod), "timestep": t}
                     with torch.no_grad():
                         answer = teacher(noised)
-                    for i, entry in enumerate(entries):
-                        self.items[(entry, draw)] = answer.item(i)
+                    if self.directory is None:
+                        for i, entry in enumerate(entries):
+                            self.items[(entry, draw)] = answer.item(i)
+                        size_now = self.nbytes()
+                    else:
+                        save_safetensors_atomic(_to_tensors(entries, answer), self.directory / name)
+                        kept[name] = {"entries": [int(e) for e in entries], "inputs": digest,
+                                      "sha256": file_sha256(self.directory / name)}
+                        self._write_manifest({**shards, **kept})  # resumable from here
+                        self.shard_of.update({(int(e), draw): name for e in entries})
+                        self.built_shards += 1
+                        size_now = (self.directory / name).stat().st_size
                     done += len(entries)
                     bar.update(len(entries))
                     if not estimated:
                         estimated = True
-                        per_item = self.nbytes() / max(1, done)
-                        size = per_item * total_entries * self.draws
-                        seconds = (time.perf_counter() - started) / max(1, done) * total_entries * self.draws
-                        log(f"teacher targets: {total_entries} entries × {self.draws} draws ≈ {size / 2**20:.1f} MiB "
-                            f"in memory, ≈ {seconds:.0f} s to compute")
-                        if max_bytes and size > max_bytes:
-                            raise MemoryError(
-                                f"cached teacher targets need ≈ {size / 2**30:.2f} GiB, over --surge_cache_budget "
-                                f"{max_bytes / 2**30:.2f} GiB; lower --surge_target_draws, raise the budget, or use "
-                                "--surge_teacher live")
+                        self._check_size(size_now / max(1, len(entries)), total_entries, max_bytes, started, done,
+                                         log)
         finally:
             bar.close()
+        if self.directory is not None:
+            stale = set(shards) - set(kept)
+            for name in stale:
+                (self.directory / name).unlink(missing_ok=True)
+            self._write_manifest(kept)
         self.capture_seconds = time.perf_counter() - started
-        log(f"teacher targets: {len(self.items)} cached ({self.nbytes() / 2**20:.1f} MiB) in "
+        where = "in memory" if self.directory is None else (
+            f"in {self.directory} ({self.built_shards} shards computed, {self.reused_shards} reused)")
+        log(f"teacher targets: {len(self)} cached {where}, {self.nbytes() / 2**20:.1f} MiB, in "
             f"{self.capture_seconds:.1f} s")
+
+    def _check_size(self, per_item: float, total_entries: int, max_bytes: int, started: float, done: int,
+                    log: Callable[[str], None]) -> None:
+        size = per_item * total_entries * self.draws
+        seconds = (time.perf_counter() - started) / max(1, done) * total_entries * self.draws
+        where = "in memory" if self.directory is None else f"on disk in {self.directory}"
+        log(f"teacher targets: {total_entries} entries × {self.draws} draws ≈ {size / 2**20:.1f} MiB {where}, "
+            f"≈ {seconds:.0f} s to compute")
+        if max_bytes and size > max_bytes:
+            raise MemoryError(
+                f"cached teacher targets need ≈ {size / 2**30:.2f} GiB, over --surge_cache_budget "
+                f"{max_bytes / 2**30:.2f} GiB; lower --surge_target_draws, raise the budget, or use "
+                "--surge_teacher live")
+        if self.directory is not None:
+            ensure_free_space(self.directory, int(size))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,7 @@ class SurgeSetup:
     replay_mode: str
     scales: dict[str, float]
     teacher_map: UnitMap  # the student's units located in the teacher (differs for a depth-pruned student)
+    teacher_id: str = ""  # teacher_fingerprint: equal ids compute the same function (keys the caches)
 
     eval_teacher: list[torch.Tensor] | None = None  # the teacher on the eval probe batches (cached teacher)
     lerp_teacher: nn.Module | None = None  # a same-architecture teacher UNet for unit LERP (--surge_lerp_alpha)
@@ -128,6 +130,7 @@ def build_surge(cfg: SurgeConfig, sources: Sources, student: ModelBundle, unit_m
     setup = SurgeSetup(teacher, teacher_module, probes, eval_probes, store, options, rules, replay_units,
                        cfg.replay_lr or (learning_rate * 0.1), cfg.replay_mode, scales, teacher_map)
     setup.lerp_teacher = lerp_teacher
+    setup.teacher_id = key.teacher
     return setup
 
 
@@ -174,7 +177,10 @@ def build_target_cache(cfg: SurgeConfig, surge: SurgeSetup, loss_fn: DistillLoss
                        seed: int, noise_offset: float | None) -> TargetCache:
     """DESIGN §3 G: the teacher's answers for every entry × draw (and the eval probes), computed once."""
     check_cacheable(data)
-    cache = TargetCache(cfg.target_draws, seed, noise_offset or 0.0)
+    traj = loss_fn.teacher_traj_map if surge.teacher_module is not None else None
+    key = {"teacher": surge.teacher_id, "traj_units": None if traj is None else traj.names,
+           "alphas_cumprod": hashlib.sha256(alphas_cumprod.detach().double().cpu().numpy().tobytes()).hexdigest()}
+    cache = TargetCache(cfg.target_draws, seed, noise_offset or 0.0, directory=cfg.target_cache_dir, key=key)
 
     def batches():
         for entries in data.sampler.all_batches(0):  # every entry, whichever rank trains it in an epoch
