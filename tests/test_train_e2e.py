@@ -233,6 +233,16 @@ def test_disk_target_cache_trains_the_same_weights_and_is_reused(tiny_kit, tmp_p
         finals[name + "_log"] = capsys.readouterr().out
     assert "in memory" in finals["memory_log"]
     assert ", 0 reused)" in finals["disk_log"] and "(0 shards computed," in finals["again_log"]
+    # --estimate's target cache (entries counted from the folders × draws) is what was written, within 10 %
+    from sd_scripts_surge.training import inputs
+    from sd_scripts_surge.training.train import memory_plan
+
+    run_cfg = parse_train_args(["--config_file", str(tmp_path / "disk.toml"), "--surge_teacher", "cached",
+                                "--surge_target_cache_dir", str(tmp_path / "targets")])
+    plan = memory_plan(run_cfg, inputs.resolve_sources(run_cfg, lambda s: None), lambda s: None)
+    predicted = sum(p.bytes for p in plan.parts if p.name == "teacher target cache")
+    written = sum(f.stat().st_size for f in (tmp_path / "targets").glob("*.safetensors"))
+    assert abs(written - predicted) < 0.1 * written, (written, predicted)
     weights = {k: unet_tensors(finals[k]) for k in ("memory", "disk", "again")}
     for key, value in weights["memory"].items():
         assert torch.equal(value, weights["disk"][key]) and torch.equal(value, weights["again"][key]), key

@@ -192,8 +192,9 @@ def activation_bytes(unet: nn.Module, batch: int, height: int, width: int, check
 
 
 def estimate(cfg: TrainConfig, student_path: str | Path, *, resolution: tuple[int, int] | None = None,
-             teachers: int = 1) -> MemoryPlan:
-    """The memory plan of `cfg` with the student at `student_path` (see module docstring)."""
+             teachers: int = 1, entries: int | None = None) -> MemoryPlan:
+    """The memory plan of `cfg` with the student at `student_path` (see module docstring). `entries` (images ×
+    repeats of the dataset) sizes the cached-teacher target cache; None leaves that part out."""
     configs = read_model_configs(student_path)
     unet = meta_module("unet", configs.unet)
     height, width = resolution or (cfg.resolution[1], cfg.resolution[0])
@@ -249,7 +250,38 @@ def estimate(cfg: TrainConfig, student_path: str | Path, *, resolution: tuple[in
         plan.parts.append(Part("flavor cache", per_probe * samples, "disk",
                                f"{cfg.surge.probes} probes × {cfg.surge.num_seeds} seeds × {len(PROBE_TIMESTEPS)} "
                                f"timesteps, every unit's input and output, {pooled}"))
+    if cfg.surge.enabled and cfg.surge.teacher == "cached" and entries:
+        traj = bool(cfg.surge.traj_weight) and teachers == 1
+        per_entry = target_bytes(unet, cfg.surge.unit_map, height, width, traj)
+        draws = cfg.surge.target_draws
+        where = "disk" if cfg.surge.target_cache_dir else "ram"
+        plan.parts.append(Part("teacher target cache", per_entry * entries * draws, where,
+                               f"{entries} entries × {draws} draws, prediction"
+                               + (" + every trajectory unit's input and output" if traj else "")
+                               + (" (shards on disk)" if where == "disk" else " (in memory)")))
     return plan
+
+
+def target_bytes(unet: nn.Module, unit_map: str, height: int, width: int, trajectory: bool) -> int:
+    """Bytes of one cached-teacher entry: the prediction and, with the trajectory loss, each trajectory unit's
+    full-size (input, output) in fp32 (an input is left out where the unit changes shape, as the cache does)."""
+    from sd_scripts_surge.surge.capture import CaptureOptions, capture_flavor
+    from sd_scripts_surge.surge.distill import trajectory_units
+    from sd_scripts_surge.surge.units import build_unit_map
+
+    kwargs = meta_inputs(unet, 1, height, width)
+    total = kwargs["sample"].numel() * 4
+    if not trajectory:
+        return total
+    units = build_unit_map(unet, unit_map)
+    with torch.no_grad():
+        _, flavor = capture_flavor(unet, units, kwargs, CaptureOptions(head_stats=False, time_units=False))
+    for name in trajectory_units(units):
+        u = flavor.units[name]
+        total += u.output.numel() * 4
+        if u.input is not None and u.input.shape == u.output.shape:
+            total += u.input.numel() * 4
+    return total
 
 
 def flavor_bytes(unet: nn.Module, unit_map: str, height: int, width: int, pool_to: int | None) -> int:

@@ -276,7 +276,8 @@ def memory_plan(cfg: TrainConfig, sources: inputs.Sources, log) -> MemoryPlan | 
         datasets = load_datasets(cfg, sources.dataset_config, sources.train_data_dir)
         width, height = datasets[0].resolution
         teachers = max(1, len(sources.teachers)) if cfg.surge.enabled else 0
-        plan = estimate(cfg, sources.student, resolution=(height, width), teachers=teachers)
+        entries = dataset_entries(datasets) if cfg.surge.teacher == "cached" else None
+        plan = estimate(cfg, sources.student, resolution=(height, width), teachers=teachers, entries=entries)
     except Exception as e:  # noqa: BLE001 - the estimate is advice; the run's own loading reports real errors
         if cfg.estimate:
             raise
@@ -284,7 +285,7 @@ def memory_plan(cfg: TrainConfig, sources: inputs.Sources, log) -> MemoryPlan | 
         return None
     device = parse_size(cfg.estimate_device or 0)
     log("memory plan (estimate):\n" + plan.table(device))
-    flavors = plan.total("disk")
+    flavors = sum(p.bytes for p in plan.parts if p.name == "flavor cache")
     if flavors > FLAVOR_WARN_BYTES and not cfg.surge.flavor_resolution:
         log(f"note: the full-size flavor cache will take about {flavors / 2**30:.1f} GiB of disk; "
             "surge_flavor_resolution = 8 pools it (unit replay then turns off), or lower surge_probes / num_seeds")
@@ -293,6 +294,19 @@ def memory_plan(cfg: TrainConfig, sources: inputs.Sources, log) -> MemoryPlan | 
                           f"--estimate_device {cfg.estimate_device}: see the plan above (gradient checkpointing, "
                           "--fused_backward_pass, full_bf16, --surge_teacher cached, LoRA or a smaller batch)")
     return plan
+
+
+def dataset_entries(datasets: list) -> int:
+    """Images × repeats per epoch, counted from the folders (no image is opened)."""
+    from sd_scripts_surge.data import IMAGE_EXTENSIONS
+
+    total = 0
+    for dataset in datasets:
+        for subset in dataset.subsets:
+            if subset.image_dir.is_dir():
+                images = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in subset.image_dir.iterdir())
+                total += images * subset.num_repeats
+    return total
 
 
 def tracker_logging_dir(cfg: TrainConfig) -> str | None:
