@@ -79,6 +79,40 @@ def test_frozen_copy_casts_the_unet_and_shares_the_text_encoders(tmp_path) -> No
     assert not torch.equal(teacher.experts[0].text_encoders[0](ids).last_hidden_state, before)
 
 
+def test_a_lora_students_base_is_shared_and_its_lora_is_not_copied(tmp_path) -> None:
+    """A LoRA student trains no UNet weight: the teacher base shares the UNet's tensors (no second UNet), and
+    the student's own LoRA (hooked before the teacher is built) is not part of the teacher."""
+    from networks.lora import create_network
+
+    student = tiny_bundle(0)
+    x, t, ctx, add = inputs([10, 500])
+    want = plain(student.unet, x, t, ctx, add)
+    student.unet.requires_grad_(False)
+    network = create_network(1.0, 4, 4.0, None, [], student.unet)
+    network.apply_to([], student.unet, apply_text_encoder=False, apply_unet=True)
+    with torch.no_grad():
+        for lora in network.unet_loras:
+            lora.lora_up.weight.normal_()  # a LoRA that changes the output (as --network_weights would)
+    assert relative(plain(student.unet, x, t, ctx, add), want) > 1e-3
+    base = frozen_copy(student)
+    assert base.unet._surge_shared
+    for a, b in zip(student.unet.parameters(), base.unet.parameters()):
+        assert a is b  # shared, not copied
+    assert relative(plain(base.unet, x, t, ctx, add), want) < 1e-6  # the base without the student's LoRA
+    assert relative(plain(student.unet, x, t, ctx, add), want) > 1e-3  # the student keeps its LoRA hooked
+    lora_file = write_lora(tmp_path / "l.safetensors", student, seed=2)
+    teacher = build_teacher([TeacherSpec(path=None, loras=(LoRARef(lora_file, 1.0),))], base=base)
+    expected = build_teacher([TeacherSpec(path=None, loras=(LoRARef(lora_file, 1.0),))],
+                             base=frozen_copy(tiny_bundle(0))).unet_forward(x, t, ctx, add)
+    assert relative(teacher.unet_forward(x, t, ctx, add), expected) < 1e-6
+    teacher.to("meta")  # Teacher.to leaves the shared UNet where the student keeps it
+    assert all(p.device.type == "cpu" for p in student.unet.parameters())
+    with pytest.raises(ValueError, match="shares the student's weights"):
+        set_unet_precision(frozen_copy(student).unet, "fp8")
+    unshared = frozen_copy(student, share=False)
+    assert all(a is not b for a, b in zip(student.unet.parameters(), unshared.unet.parameters()))
+
+
 def test_precision_is_set_once() -> None:
     unet = frozen_copy(tiny_bundle(0).unet)
     set_unet_precision(unet, "bf16")

@@ -82,6 +82,9 @@ def set_unet_precision(unet: nn.Module, name: str, networks: list[nn.Module] = (
         return unet
     if getattr(unet, "_surge_teacher_dtype", None) is not None:
         raise ValueError(f"the teacher UNet is already stored as {unet._surge_teacher_dtype}")
+    if getattr(unet, "_surge_shared", False) and (name == "fp8" or any(p.dtype != dtype for p in unet.parameters())):
+        raise ValueError(f"the teacher UNet shares the student's weights; storing it as {name} would change the "
+                         "student's: build the teacher base with frozen_copy(..., share=False)")
     unet.to(dtype)
     for network in networks:
         network.to(dtype)
@@ -98,23 +101,39 @@ def set_unet_precision(unet: nn.Module, name: str, networks: list[nn.Module] = (
     return unet
 
 
-def frozen_copy(model: Any, unet_dtype: torch.dtype = torch.float32) -> Any:
-    """A deep copy of a ModelBundle (or a bare UNet) to serve as a frozen teacher base.
+def frozen_copy(model: Any, unet_dtype: torch.dtype = torch.float32, share: bool = True) -> Any:
+    """A copy of a ModelBundle (or a bare UNet) to serve as a frozen teacher base.
 
-    The UNet's parameters and buffers are cast to `unet_dtype` one tensor at a time while copying (no second
-    fp32 UNet exists); every parameter outside the UNet (text encoders, VAE) is shared with `model`, since
-    neither side trains them. Modules are copied, so hooks (LoRAs) on the copy do not reach `model`."""
+    - Modules are copied, so hooks (LoRAs) placed on the copy do not reach `model`; and hooks that `model`
+      carries (the student's own LoRA) are not copied: the copy computes what its classes define.
+    - Every parameter outside the UNet (text encoders, VAE) is shared with `model`, since neither side trains them.
+    - The UNet's tensors are shared too when `model` does not train them (a LoRA student: its base UNet is
+      frozen), they already are in `unet_dtype` and `share` is set: the teacher then holds no second UNet.
+      Otherwise they are cast to `unet_dtype` one tensor at a time while copying (no second fp32 UNet exists).
+    A shared part is marked `_surge_shared`, so `Teacher.to` leaves it where the student keeps it."""
     unet = getattr(model, "unet", model)
+    share_unet = share and all(not p.requires_grad and p.dtype == unet_dtype for p in unet.parameters())
     memo: dict[int, Any] = {}
     for p in unet.parameters():
-        memo[id(p)] = nn.Parameter(p.detach().to(unet_dtype, copy=True), requires_grad=False)
+        memo[id(p)] = p if share_unet else nn.Parameter(p.detach().to(unet_dtype, copy=True), requires_grad=False)
     for b in unet.buffers():
-        memo[id(b)] = b.detach().to(unet_dtype, copy=True) if b.is_floating_point() else b.detach().clone()
+        if share_unet:
+            memo[id(b)] = b
+        else:
+            memo[id(b)] = b.detach().to(unet_dtype, copy=True) if b.is_floating_point() else b.detach().clone()
     shared = [name for name in ("text_encoder_1", "text_encoder_2", "vae") if getattr(model, name, None) is not None]
     for name in shared if unet is not model else ():
         for t in (*getattr(model, name).parameters(), *getattr(model, name).buffers()):
             memo[id(t)] = t
-    out = copy.deepcopy(model, memo)
+    # hooks live as instance `forward` attributes (networks.lora.apply_to): lift them off while copying
+    hooked = {m: m.__dict__.pop("forward") for m in unet.modules() if "forward" in m.__dict__}
+    try:
+        out = copy.deepcopy(model, memo)
+    finally:
+        for m, forward in hooked.items():
+            m.forward = forward
     for name in shared if unet is not model else ():
         getattr(out, name)._surge_shared = True  # Teacher.to leaves these where the student keeps them
+    if share_unet:
+        getattr(out, "unet", out)._surge_shared = True
     return out

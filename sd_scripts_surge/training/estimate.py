@@ -229,7 +229,12 @@ def estimate(cfg: TrainConfig, student_path: str | Path, *, resolution: tuple[in
         storage = cfg.surge.teacher_dtype
         teacher_bytes = storage_bytes(storage, weights, others) * teachers
         stored = "fp32" if storage == "float" else storage
-        if cfg.surge.teacher == "cached":
+        # a LoRA student's frozen fp32 base is shared by a teacher that is that base plus LoRAs (frozen_copy)
+        shared = lora and storage == "float" and not cfg.teacher_model and all(
+            spec.path is None for spec in cfg.surge.teachers)
+        if shared:
+            plan.parts.append(Part("teacher UNet", 0, note="shares the LoRA student's frozen base UNet"))
+        elif cfg.surge.teacher == "cached":
             plan.parts.append(Part("teacher UNet", teacher_bytes, "ram",
                                    f"{stored}, cached targets: offloaded while training"))
         else:

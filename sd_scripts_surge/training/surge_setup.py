@@ -87,10 +87,16 @@ def build_surge(cfg: SurgeConfig, sources: Sources, student: ModelBundle, unit_m
     if not sources.teachers:
         raise ValueError("surge training needs a teacher: --teacher_model (and/or --teacher_lora), or "
                          "[[surge.teachers]] in the config; use --surge false for a plain fine-tune")
-    # Specs without a path hook their LoRAs into a frozen copy of the student (never the student itself): its UNet
-    # cast to the teacher's dtype while copying, its frozen text encoders and VAE shared, not copied.
+    # Specs without a path hook their LoRAs into a frozen copy of the student (never the student itself): its frozen
+    # text encoders and VAE shared, not copied; its UNet shared too when the student does not train it (a LoRA
+    # student) and the teacher keeps its dtype, else cast to the teacher's dtype while copying.
     storage = cfg.teacher_dtype
-    base = frozen_copy(student, compute_dtype(storage)) if any(s.path is None for s in sources.teachers) else None
+    base = None
+    if any(s.path is None for s in sources.teachers):
+        base = frozen_copy(student, compute_dtype(storage), share=storage != "fp8")
+        if getattr(base.unet, "_surge_shared", False):
+            log("teacher: the student's frozen base UNet is shared (its LoRA is hooked on a copy of the modules "
+                "only), so no second UNet is held")
     teacher = build_teacher(sources.teachers, base=base, device=accelerator.device,
                             tokenizer_dir=sources.tokenizer_dir, load_dtype=compute_dtype(storage))
     for expert in teacher.experts:
