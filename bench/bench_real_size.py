@@ -37,6 +37,10 @@ CONFIGS = {
         "warmup_init=False", "--fused_backward_pass", "--full_bf16"],
     "LoRA dim 16 (AdamW)": ["--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "8",
                             "--optimizer_type", "AdamW"],
+    # the teacher kept in fp32 shares the LoRA student's frozen fp32 base UNet (frozen_copy) instead of a bf16 copy
+    "LoRA dim 16 (AdamW), teacher shares the base": [
+        "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "8", "--optimizer_type", "AdamW",
+        "--surge_teacher_dtype", "float"],
 }
 
 
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, flags in CONFIGS.items():
         if args.only and not any(name.startswith(o) for o in args.only):
             continue
-        run_dir = out / re.sub(r"\W+", "_", name.split(" (")[0])
+        run_dir = out / re.sub(r"\W+", "_", name).strip("_")
         cmd = ["--pretrained_model_name_or_path", str(args.student), "--tokenizer_dir", str(kit.base_dir),
                "--train_data_dir", str(data), "--output_dir", str(run_dir), "--output_name", "real",
                "--teacher_lora", str(lora), *COMMON, *flags]

@@ -84,3 +84,12 @@ def test_builders_take_the_options_they_use_not_the_whole_config():
             assert TrainConfig not in hints.values(), f"{module.__name__}.{name} takes the whole TrainConfig"
             checked += 1
     assert checked >= 10
+
+
+def test_docs_options_md_is_generated_from_the_schema():
+    from sd_scripts_surge.config.reference import markdown
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "options.md"
+    assert path.read_text(encoding="utf-8") == markdown(), \
+        "docs/options.md is out of date: python -m sd_scripts_surge.config.reference > docs/options.md"
+    assert "`--surge_target_cache_dir`<br>`[surge] target_cache_dir`" in markdown()
