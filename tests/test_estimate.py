@@ -93,3 +93,37 @@ def test_single_file_configs_come_from_the_header(tiny_kit, tmp_path):  # noqa: 
 
 
 from tests.tiny_fixtures import tiny_kit  # noqa: E402, F401
+
+
+def test_a_lora_students_shared_teacher_base_costs_nothing(sdxl_folder):
+    lora = ["--network_module", "networks.lora", "--network_dim", "16", "--teacher_lora", "t.safetensors"]
+    shared = parts(plan_for(sdxl_folder, *lora))
+    copied = parts(plan_for(sdxl_folder, *lora, "--surge_teacher_dtype", "bf16"))
+    own = parts(plan_for(sdxl_folder, *lora, "--teacher_model", "other.safetensors"))
+    assert shared["teacher UNet"] == 0  # frozen_copy shares the frozen fp32 base
+    assert copied["teacher UNet"] == shared["student UNet (frozen)"] // 2  # a bf16 copy
+    assert own["teacher UNet"] == shared["student UNet (frozen)"]  # another checkpoint: a UNet of its own
+
+
+def test_run_start_notes_a_large_full_size_flavor_cache_and_sizes_the_target_cache(sdxl_folder, tmp_path):
+    from sd_scripts_surge.surge.teachers import TeacherSpec
+    from sd_scripts_surge.training.inputs import Sources
+    from sd_scripts_surge.training.train import memory_plan
+
+    images = tmp_path / "data" / "5_thing"
+    images.mkdir(parents=True)
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(b"")  # counted from the folder, never opened by the plan
+    sources = Sources(str(sdxl_folder), [TeacherSpec(path=None)], None, str(tmp_path / "data"))
+    lines: list[str] = []
+    cfg = parse_train_args(["--resolution", "1024", "--train_data_dir", str(tmp_path / "data"),
+                            "--surge_teacher", "cached", "--surge_traj_weight", "0"])
+    plan = memory_plan(cfg, sources, lines.append)
+    assert any("full-size flavor cache will take about" in line for line in lines), lines
+    target = next(p for p in plan.parts if p.name == "teacher target cache")
+    assert target.where == "ram" and "15 entries" in target.note  # 3 images × 5 repeats × 1 draw
+    assert target.bytes == 15 * 4 * 128 * 128 * 4  # the prediction only (no trajectory loss), fp32
+    pooled: list[str] = []
+    memory_plan(parse_train_args(["--resolution", "1024", "--train_data_dir", str(tmp_path / "data"),
+                                  "--surge_flavor_resolution", "8"]), sources, pooled.append)
+    assert not any("full-size flavor cache" in line for line in pooled)
