@@ -127,3 +127,14 @@ def test_run_start_notes_a_large_full_size_flavor_cache_and_sizes_the_target_cac
     memory_plan(parse_train_args(["--resolution", "1024", "--train_data_dir", str(tmp_path / "data"),
                                   "--surge_flavor_resolution", "8"]), sources, pooled.append)
     assert not any("full-size flavor cache" in line for line in pooled)
+
+
+def test_a_cpu_placed_teacher_costs_the_device_one_block(sdxl_folder):
+    resident = plan_for(sdxl_folder, "--teacher_model", "t.safetensors", "--surge_teacher_dtype", "bf16")
+    streamed = plan_for(sdxl_folder, "--teacher_model", "t.safetensors", "--surge_teacher_dtype", "bf16",
+                        "--surge_teacher_placement", "cpu")
+    teacher = next(p for p in streamed.parts if p.name == "teacher UNet")
+    block = next(p for p in streamed.parts if p.name == "teacher block on the device")
+    assert teacher.where == "ram" and teacher.bytes == parts(resident)["teacher UNet"]
+    assert 0 < block.bytes < 0.03 * teacher.bytes  # SDXL's largest block (one transformer layer) is ~2 %
+    assert streamed.total("device") < resident.total("device") - 4 * GIB

@@ -249,6 +249,20 @@ def test_disk_target_cache_trains_the_same_weights_and_is_reused(tiny_kit, tmp_p
 
 
 @pytest.mark.slow
+def test_cpu_placed_teacher_trains_the_same_weights(tiny_kit, tmp_path: Path, capsys) -> None:  # noqa: F811
+    """--surge_teacher_placement cpu streams the teacher's blocks (here CPU to CPU): same training, and it says so."""
+    finals = {}
+    for placement in ("gpu", "cpu"):
+        cfg = write_config(tmp_path / f"{placement}.toml", tiny_kit, tmp_path / placement, steps=2)
+        finals[placement] = train(parse_train_args(["--config_file", str(cfg), "--surge_teacher_placement", placement,
+                                                    "--surge_replay_units", "0"]))
+        out = capsys.readouterr().out
+        assert ("blocks streamed to" in out) == (placement == "cpu")
+    gpu, cpu = unet_tensors(finals["gpu"]), unet_tensors(finals["cpu"])
+    assert gpu.keys() == cpu.keys() and all(torch.equal(gpu[k], cpu[k]) for k in gpu)
+
+
+@pytest.mark.slow
 def test_fused_backward_pass_trains_the_same_weights_as_the_unfused_path(tiny_kit, tmp_path: Path) -> None:  # noqa: F811
     finals = {}
     for fused in (False, True):

@@ -56,8 +56,9 @@ def _argument(d: Declared) -> dict[str, Any]:
                 "metavar": "true|false"}
     if d.type is bool:
         return {**kwargs, "action": "store_true"}
-    if d.option.cli_type is not None:
-        return {**kwargs, "type": d.option.cli_type, "default": d.default}
+    if d.option.cli_type is not None:  # shown (and given to the GUI) as typed: resolution 1024,1024
+        default = ",".join(map(str, d.default)) if isinstance(d.default, tuple | list) else d.default
+        return {**kwargs, "type": d.option.cli_type, "default": default}
     if d.is_list:
         element = (typing.get_args(d.type) or (str,))[0]
         if d.option.append:

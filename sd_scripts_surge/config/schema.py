@@ -19,6 +19,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 from sd_scripts_surge.surge.controller import LR_RULES
+from sd_scripts_surge.surge.placement import PLACEMENTS
 from sd_scripts_surge.training.sampling import SAMPLERS
 
 UNIT_MAPS = ("mbw", "fine")
@@ -339,6 +340,9 @@ class SurgeConfig:
                             "downstream error does not grow (0: off)", ge=0, le=1)
     teacher: str = opt("live", "live: run the teacher every step; cached: its answers for K draws per image "
                        "computed once, up front", choices=("live", "cached"))
+    teacher_placement: str = opt("gpu", "where the frozen teacher UNet lives: gpu (the training device) or cpu (CPU "
+                                 "RAM, each block streamed to the device only while it runs: the device holds one "
+                                 "block of it)", choices=PLACEMENTS)
     teacher_dtype: str = opt("float", "how the frozen teacher UNet is stored: float (fp32), fp16/bf16 (half the "
                              "memory; computed in that dtype), fp8 (e4m3 weights, a quarter; each layer is widened "
                              "to bf16 only while it runs)", choices=("float", "fp16", "bf16", "fp8"))

@@ -339,7 +339,9 @@ class Teacher:
         seen: set[int] = set()
         for e in self.experts:
             for m in [e.unet, *e.text_encoders, *e.networks]:
-                if id(m) not in seen and not getattr(m, "_surge_shared", False):  # shared with the student
+                streamed = getattr(m, "_surge_streamed", None) is not None and device is not None
+                if id(m) not in seen and not getattr(m, "_surge_shared", False) and not streamed:
+                    # shared with the student, or kept on the CPU and streamed block by block (placement.py)
                     seen.add(id(m))
                     m.to(device=device, dtype=dtype)
         return self

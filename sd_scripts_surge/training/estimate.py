@@ -234,6 +234,18 @@ def estimate(cfg: TrainConfig, student_path: str | Path, *, resolution: tuple[in
             spec.path is None for spec in cfg.surge.teachers)
         if shared:
             plan.parts.append(Part("teacher UNet", 0, note="shares the LoRA student's frozen base UNet"))
+        elif cfg.surge.teacher_placement == "cpu":
+            from sd_scripts_surge.surge.placement import streamed_blocks
+
+            largest = max(storage_bytes(storage, sum(m.weight.numel() for m in b.modules()
+                                                     if isinstance(m, nn.Linear | nn.Conv2d)),
+                                        sum(p.numel() for p in b.parameters())
+                                        - sum(m.weight.numel() for m in b.modules()
+                                              if isinstance(m, nn.Linear | nn.Conv2d)))
+                          for _, b in streamed_blocks(unet))
+            plan.parts.append(Part("teacher UNet", teacher_bytes, "ram", f"{stored} × {teachers}, in CPU memory"))
+            plan.parts.append(Part("teacher block on the device", largest * teachers,
+                                   note="--surge_teacher_placement cpu: the largest streamed block"))
         elif cfg.surge.teacher == "cached":
             plan.parts.append(Part("teacher UNet", teacher_bytes, "ram",
                                    f"{stored}, cached targets: offloaded while training"))

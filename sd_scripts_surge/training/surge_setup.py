@@ -22,6 +22,7 @@ from sd_scripts_surge.surge.controller import ControllerConfig, UnitLRController
 from sd_scripts_surge.surge.distill import DistillLoss, LossWeights, scales_from_flavors, trajectory_units
 from sd_scripts_surge.surge.flavors import FlavorStore, build_or_load_flavors, make_cache_key
 from sd_scripts_surge.surge.losses import scaled_linear_alphas_cumprod
+from sd_scripts_surge.surge.placement import stream_from_cpu
 from sd_scripts_surge.surge.precision import compute_dtype, frozen_copy, set_unet_precision
 from sd_scripts_surge.surge.probes import ProbeSet, make_probes
 from sd_scripts_surge.surge.targets import TargetCache
@@ -102,6 +103,15 @@ def build_surge(cfg: SurgeConfig, sources: Sources, student: ModelBundle, unit_m
     for expert in teacher.experts:
         set_unet_precision(expert.unet, storage, expert.networks)
     log(teacher.describe() + ("" if storage == "float" else f"; teacher UNet stored as {storage}"))
+    if cfg.teacher_placement == "cpu":
+        for expert in teacher.experts:
+            if getattr(expert.unet, "_surge_shared", False):
+                log("teacher_placement cpu: this teacher's UNet is the LoRA student's own frozen base, so it holds "
+                    "no weights of its own to offload")
+                continue
+            blocks = stream_from_cpu(expert.unet, accelerator.device)
+            log(f"teacher UNet kept in CPU memory, {len(blocks)} blocks streamed to {accelerator.device} while "
+                "they run")
     teacher_module = teacher.unet if teacher.mode == "single" else None
     if teacher_module is None and cfg.traj_weight:
         log("trajectory loss needs one teacher network; with several experts it is off (output KD stays on)")
