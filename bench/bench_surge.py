@@ -104,6 +104,16 @@ ABLATIONS: dict[str, list[str]] = {
     # the teacher answered up front (one (t, ε) draw per image, reused every epoch) instead of every step
     "surge_adamw_cached": _with(METHODS["surge_adamw"], surge_teacher="cached", surge_target_draws="1"),
     "surge_tuned_no_controller": _with(METHODS["surge_tuned"], surge_controller="false"),
+    # how many replay steps per unit pay for themselves (issue 17 item 3): none, 20 (the recipe), 50, 100, 200, at
+    # the default replay LR (learning_rate × 0.1) and at 1e-3 (a third of task q's best learning rate, 3e-3)
+    "surge_tuned_no_replay": _with(METHODS["surge_tuned"], surge_replay_units="0"),
+    "surge_tuned_replay50": _with(METHODS["surge_tuned"], surge_replay_steps="50"),
+    "surge_tuned_replay100": _with(METHODS["surge_tuned"], surge_replay_steps="100"),
+    "surge_tuned_replay50_rlr1e-3": _with(METHODS["surge_tuned"], surge_replay_steps="50", surge_replay_lr="1e-3"),
+    "surge_tuned_replay100_rlr1e-3": _with(METHODS["surge_tuned"], surge_replay_steps="100",
+                                           surge_replay_lr="1e-3"),
+    "surge_tuned_replay200_rlr1e-3": _with(METHODS["surge_tuned"], surge_replay_steps="200",
+                                           surge_replay_lr="1e-3"),
     # the same cache under the AdamW KD baseline: how much of a gain is the cache, not surge (takes adamw_kd's LR)
     "adamw_kd_cached": _with(METHODS["adamw_kd"], surge_teacher="cached", surge_target_draws="1"),
     "surge_adamw_on_ada_surge": _with(METHODS["surge_adamw"], optimizer_type="ADA_SURGE") + [
