@@ -239,12 +239,6 @@ def _trainable(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
             q.grad = grad
 
 
-def _replay_optimizer(tensors: Sequence[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    """AdamW over the replayed tensors, multi-tensor (foreach) on every device: torch picks the per-tensor loop on
-    the CPU, which took ~40 % of an all-unit replay step there (a UNet unit is many small tensors)."""
-    return torch.optim.AdamW(tensors, lr=lr, weight_decay=0.0, foreach=True)
-
-
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     """One replay step: gradients of `loss` for `tensors` only (the rest of the model keeps its .grad)."""
     for q, g in zip(tensors, torch.autograd.grad(loss, tensors, allow_unused=True)):
@@ -269,7 +263,7 @@ def replay_unit(unet: nn.Module, unit_map: UnitMap, unit: str, flavors: Sequence
     snapshot = _snapshot(params)
     inputs = [_unit_input(unet, window, fl, device, dtype) for fl in flavors]
     tensors = [p for _, p in params]
-    optimizer = _replay_optimizer(tensors, lr)
+    optimizer = torch.optim.AdamW(tensors, lr=lr, weight_decay=0.0)
     with _trainable(tensors):
         for step in range(replay_steps):
             fl, x = flavors[step % len(flavors)], inputs[step % len(flavors)]
@@ -330,7 +324,7 @@ def replay_all_units(unet: nn.Module, unit_map: UnitMap, units: Sequence[str], f
     targets = [{s.name: fl.units[s.name].output.to(device).float() for s in specs} for fl in flavors]
     norms = [{u: float(y.pow(2).mean()) + 1e-12 for u, y in tgt.items()} for tgt in targets]
     inputs = [{s.name: fl.units[s.name].input.to(device, dtype) for s in specs} for fl in flavors]
-    optimizer = _replay_optimizer(tensors, lr)
+    optimizer = torch.optim.AdamW(tensors, lr=lr, weight_decay=0.0)
     with _trainable(tensors):
         for step in range(replay_steps):
             k = step % len(flavors)
