@@ -107,6 +107,7 @@ ABLATIONS: dict[str, list[str]] = {
     # how many replay steps per unit pay for themselves (issue 17 item 3): none, 20 (the recipe), 50, 100, 200, at
     # the default replay LR (learning_rate × 0.1) and at 1e-3 (a third of task q's best learning rate, 3e-3)
     "surge_tuned_no_replay": _with(METHODS["surge_tuned"], surge_replay_units="0"),
+    "surge_tuned_rlr1e-3": _with(METHODS["surge_tuned"], surge_replay_lr="1e-3"),
     "surge_tuned_replay50": _with(METHODS["surge_tuned"], surge_replay_steps="50"),
     "surge_tuned_replay100": _with(METHODS["surge_tuned"], surge_replay_steps="100"),
     "surge_tuned_replay50_rlr1e-3": _with(METHODS["surge_tuned"], surge_replay_steps="50", surge_replay_lr="1e-3"),
