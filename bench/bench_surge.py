@@ -115,6 +115,10 @@ ABLATIONS: dict[str, list[str]] = {
                                            surge_replay_lr="1e-3"),
     "surge_tuned_replay200_rlr1e-3": _with(METHODS["surge_tuned"], surge_replay_steps="200",
                                            surge_replay_lr="1e-3"),
+    # replay at the first epoch start only (the second, at step 48, costs the wall time of ~35 training steps)
+    "surge_tuned_rlr1e-3_replay_once": _with(METHODS["surge_tuned"], surge_replay_lr="1e-3", surge_replay_epochs="1"),
+    "surge_tuned_replay50_rlr1e-3_once": _with(METHODS["surge_tuned"], surge_replay_steps="50", surge_replay_lr="1e-3",
+                                               surge_replay_epochs="1"),
     # the same cache under the AdamW KD baseline: how much of a gain is the cache, not surge (takes adamw_kd's LR)
     "adamw_kd_cached": _with(METHODS["adamw_kd"], surge_teacher="cached", surge_target_draws="1"),
     "surge_adamw_on_ada_surge": _with(METHODS["surge_adamw"], optimizer_type="ADA_SURGE") + [

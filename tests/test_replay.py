@@ -163,3 +163,19 @@ def test_all_unit_replay_trains_every_unit_locally_and_keeps_only_what_passes(te
     # an empty parameter list skips a unit; no steps change nothing
     assert replay_all_units(student, unit_map, units, flavors, replay_steps=0) == []
     assert replay_all_units(student, unit_map, units, flavors, params_of=lambda u: []) == []
+
+
+def test_all_unit_replay_retests_the_windows_a_rollback_changes(teacher, flavors):
+    """Every unit perturbed, 5 replay steps: some changes are rolled back; every kept unit's recorded error
+    is its window's error with the final weights (only windows holding a rolled-back unit are tested again)."""
+    unit_map = mbw_unit_map(teacher)
+    units = [u.name for u in unit_map.units if u.kind != "embed"]
+    student = perturbed_copy(teacher, unit_map, units, scale=0.3)
+    results = replay_all_units(student, unit_map, units, flavors, replay_steps=5, lr=1e-3, post_change_layers=2)
+    assert any(not r.accepted for r in results) and any(r.accepted for r in results)
+    for r in results:
+        if r.accepted:
+            assert r.after == pytest.approx(window_error(student, unit_map, r.unit, flavors, 0, 2), rel=1e-6)
+            assert r.after <= r.before
+        else:  # the error its change made, which got it rolled back
+            assert r.after > r.before

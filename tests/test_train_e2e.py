@@ -13,7 +13,7 @@ from sd_scripts_surge.models.io import load_model
 from sd_scripts_surge.training import optimization, surge_setup
 from sd_scripts_surge.training.train import train
 from tests.tiny_fixtures import tiny_kit  # noqa: F401
-from tests.train_helpers import unet_tensors, write_config
+from tests.train_helpers import one_repeat_dataset, unet_tensors, write_config
 
 
 @pytest.mark.slow
@@ -288,6 +288,19 @@ def test_unit_lerp_toward_a_same_architecture_teacher(tiny_kit, tmp_path: Path, 
     assert any(r["accepted"] for r in lerps)  # halfway toward the teacher helps some unit
     with pytest.raises(Exception, match="full fine-tune"):
         parse_train_args(["--surge_lerp_alpha", "0.5", "--network_module", "networks.lora"])
+
+
+@pytest.mark.slow
+def test_replay_epochs_limits_replay_and_lerp_to_the_first_epochs(tiny_kit, tmp_path: Path) -> None:  # noqa: F811
+    """--surge_replay_epochs 1: epoch 0 starts with unit LERP, epoch 1 re-measures and moves the LRs without it."""
+    dataset = one_repeat_dataset(tmp_path / "dataset.toml", tiny_kit)
+    cfg = write_config(tmp_path / "cfg.toml", tiny_kit, tmp_path / "out", steps=11)
+    train(parse_train_args(["--config_file", str(cfg), "--dataset_config", str(dataset), "--surge_lerp_alpha", "0.5",
+                            "--surge_replay_units", "0", "--surge_replay_epochs", "1"]))
+    epochs = json.loads((tmp_path / "out" / "report" / "history.json").read_text())["epochs"]
+    assert len(epochs) == 2
+    assert [r["mode"] for r in epochs[0]["replay"]] and all(r["mode"] == "lerp" for r in epochs[0]["replay"])
+    assert epochs[1]["replay"] == [] and epochs[1]["multipliers"]
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from sd_scripts_surge.config import parse_train_args
 from sd_scripts_surge.training.state import PROGRESS_MARKER, find_resume_dir
 from sd_scripts_surge.training.train import train
 from tests.tiny_fixtures import tiny_kit  # noqa: F401
-from tests.train_helpers import max_abs_difference, unet_tensors, write_config
+from tests.train_helpers import max_abs_difference, one_repeat_dataset, unet_tensors, write_config
 
 
 def _straight_then_resumed(cfg: Path, state: Path, extra_args: list[str]) -> float:
@@ -54,12 +54,7 @@ def test_plain_adamw_resume_matches_uninterrupted(tiny_kit, tmp_path: Path) -> N
 def test_resume_at_epoch_boundary_matches_uninterrupted(tiny_kit, tmp_path: Path) -> None:  # noqa: F811
     """Resumed from the end-of-epoch-1 state: the epoch-2 surge update (capture, anchors, controller, replay) runs
     after the resume as it did in the straight run; captions are shuffled per epoch (encoded per batch)."""
-    subsets = "".join(f'\n  [[datasets.subsets]]\n  image_dir = "{folder}"\n  num_repeats = 1\n'
-                      for folder in sorted(Path(tiny_kit.train_data_dir).iterdir()) if folder.is_dir())
-    dataset = tmp_path / "dataset.toml"
-    dataset.write_text('[general]\nshuffle_caption = true\ncaption_extension = ".txt"\n\n[[datasets]]\n'
-                       "resolution = 64\nbatch_size = 4\nenable_bucket = true\nmin_bucket_reso = 32\n"
-                       f"max_bucket_reso = 128\nbucket_reso_steps = 16\n{subsets}")
+    dataset = one_repeat_dataset(tmp_path / "dataset.toml", tiny_kit)
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "cfg.toml", tiny_kit, out, steps=11, extra="save_every_n_epochs = 1")
     difference = _straight_then_resumed(cfg, out / "dev-000001-state", ["--dataset_config", str(dataset)])

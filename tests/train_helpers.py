@@ -40,6 +40,16 @@ replay_steps = 2
     return path
 
 
+def one_repeat_dataset(path: Path, kit) -> Path:
+    """The tiny kit's images once each, batch 4 at 64 px: an epoch of a few steps (for tests spanning epochs)."""
+    subsets = "".join(f'\n  [[datasets.subsets]]\n  image_dir = "{folder}"\n  num_repeats = 1\n'
+                      for folder in sorted(Path(kit.train_data_dir).iterdir()) if folder.is_dir())
+    path.write_text('[general]\nshuffle_caption = true\ncaption_extension = ".txt"\n\n[[datasets]]\n'
+                    "resolution = 64\nbatch_size = 4\nenable_bucket = true\nmin_bucket_reso = 32\n"
+                    f"max_bucket_reso = 128\nbucket_reso_steps = 16\n{subsets}")
+    return path
+
+
 def unet_tensors(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(str(path)).items() if k.startswith("model.diffusion_model.")}
 

@@ -333,6 +333,9 @@ class SurgeConfig:
                                        "<output_dir>/flavor_cache)")
     replay_steps: int = opt(50, "optimizer steps of each replay", ge=0)
     replay_units: int = opt(2, "replay_mode single: how many of the worst units to replay", ge=0)
+    replay_epochs: int = opt(0, "replay (and unit LERP) at the starts of the first N epochs only; later epoch "
+                             "starts re-measure and move the LRs without it (0: every epoch)", ge=0,
+                             note="(0: every epoch)")
     replay_mode: str = opt("single", "single: the worst replay_units units one at a time; all: every unit at "
                            "once, teacher-forced", choices=("single", "all"))
     lerp_alpha: float = opt(0.0, "unit LERP θ ← θ + α(θ_T − θ) toward a same-architecture teacher (plain "

@@ -338,16 +338,19 @@ def replay_all_units(unet: nn.Module, unit_map: UnitMap, units: Sequence[str], f
             _step(optimizer, loss, tensors)
     results = {s.name: ReplayResult(s.name, "train_all", True, before[s.name], before[s.name], replay_steps)
                for s in specs}
-    # Test with every change in place; a rollback can make a neighbour's window worse, so test again until no
-    # kept unit's window is worse than before (at most one round per unit).
+    # Test with every change in place; a rollback changes the windows that contain the rolled-back unit (those of
+    # the `post_change_layers` units before it), so test those again until no kept unit's window is worse than
+    # before (at most one round per unit). Other windows hold the same weights and need no second test.
     pending = list(results)
     while pending:
-        rolled_back = False
+        rolled_back: list[int] = []
         for unit in pending:
             result = results[unit]
             result.after = window_error(unet, unit_map, unit, flavors, 0, post_change_layers)
             if result.after > result.before:
                 _restore(owned[unit], snapshots[unit])
-                result.accepted, rolled_back = False, True
-        pending = [u for u, r in results.items() if r.accepted] if rolled_back else []
+                result.accepted = False
+                rolled_back.append(unit_map.index(unit))
+        pending = [u for u, r in results.items() if r.accepted
+                   and any(0 < j - unit_map.index(u) <= post_change_layers for j in rolled_back)]
     return list(results.values())

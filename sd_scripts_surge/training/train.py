@@ -151,7 +151,8 @@ def train(cfg: TrainConfig) -> Path:
         while progress.global_step < total_steps and not stop["requested"]:
             epoch = progress.epoch
             if surge is not None and progress.surge_updated_epoch < epoch:
-                surge_update(cfg, surge, student_module, unit_map, controller, trainable, progress, accelerator, log)
+                surge_update(cfg, surge, student_module, unit_map, controller, trainable, progress, accelerator, log,
+                             replay=not cfg.surge.replay_epochs or epoch < cfg.surge.replay_epochs)
 
             # ----- the batches of this epoch
             data.sampler.set_epoch(epoch)
@@ -341,8 +342,8 @@ def save_state(accelerator: Accelerator, progress: TrainProgress, directory: Pat
 
 def surge_update(cfg: TrainConfig, surge: surge_setup.SurgeSetup, student_module, unit_map, controller, trainable,  # noqa: ANN001
                  progress: TrainProgress, accelerator: Accelerator, log, replay: bool = True) -> None:  # noqa: ANN001
-    """DESIGN §3 B–E: student capture, anchors and zones, controller, replay (at the start of an epoch; without
-    replay every `update_every_n_steps` steps)."""
+    """DESIGN §3 B–E: student capture, anchors and zones, controller, replay (at the start of an epoch, or of the
+    first `replay_epochs`; without replay every `update_every_n_steps` steps)."""
     epoch = progress.epoch
     update = surge_epoch_update(
         student_module, unit_map, surge.probes, surge.store, controller,
@@ -356,7 +357,7 @@ def surge_update(cfg: TrainConfig, surge: surge_setup.SurgeSetup, student_module
         controller_mode="random" if cfg.surge.random_lr else "surge" if cfg.surge.controller else "off",
         random_seed=cfg.seed * 1009 + epoch * 100003 + progress.global_step,
     )
-    if not replay:
+    if not replay and progress.surge_updated_epoch >= epoch:  # a between-epochs update (update_every_n_steps)
         accelerator.log({f"surge_target/{u}": v for u, v in update.targets.items()}, step=progress.global_step)
         log(f"step {progress.global_step}: per-unit LR targets updated; anchors {update.zones.anchors or '-'}")
         return
