@@ -226,6 +226,29 @@ def test_presets_reproduce_supermergers_table_for_sd1() -> None:
     assert preset_weights("R_SMOOTHSTEP*2", n)[13] == pytest.approx(0.0)
     assert preset_weights("WRAP08", n) == [0] + [1] * 4 + [0] * 17 + [1] * 4
     assert preset_weights("OUT12_5", n) == [0] * 13 + [0.5] + [1] * 12
+    # the cubic Hermite, ring and MID presets: whole rows of supermerger's scripts/mbwpresets_master.txt
+    true_hermite = [0, 0, 0.199031876929012, 0.325761959876543, 0.424641927083333, 0.498456790123457,
+                    0.549991560570988, 0.58203125, 0.597360869984568, 0.598765432098765, 0.589029947916667,
+                    0.570939429012346, 0.547278886959876, 0.520833333333333, 0.49438777970679, 0.470727237654321,
+                    0.45263671875, 0.442901234567901, 0.444305796682099, 0.459635416666667, 0.491675106095678,
+                    0.543209876543211, 0.617024739583333, 0.715904706790124, 0.842634789737655, 1]
+    fake_hermite = [0, 0, 0.157576195987654, 0.28491512345679, 0.384765625, 0.459876543209877, 0.512996720679012,
+                    0.546875, 0.564260223765432, 0.567901234567901, 0.560546875, 0.544945987654321,
+                    0.523847415123457, 0.5, 0.476152584876543, 0.455054012345679, 0.439453125, 0.432098765432099,
+                    0.435739776234568, 0.453125, 0.487003279320987, 0.540123456790124, 0.615234375,
+                    0.71508487654321, 0.842423804012347, 1]
+    assert preset_weights("TRUE_CUBIC_HERMITE", n) == pytest.approx(true_hermite, abs=1e-12)
+    assert preset_weights("TRUE_REVERSE_CUBIC_HERMITE", n) == pytest.approx([0] + [1 - v for v in true_hermite[1:]])
+    assert preset_weights("FAKE_CUBIC_HERMITE", n) == pytest.approx(fake_hermite, abs=1e-12)
+    assert preset_weights("FAKE_REVERSE_CUBIC_HERMITE", n) == pytest.approx([0] + [1 - v for v in fake_hermite[1:]])
+    rings = {  # the table's rows, as strings of 26 values (h = 0.5)
+        "RING08_SOFT": "000000h111h00000h111h00000", "RING08_5": "00000001111000001111000000",
+        "RING10_5": "00000011111000001111100000", "RING10_3": "00000001111100011111000000"}
+    for name, row in rings.items():
+        assert preset_weights(name, n) == [0.5 if c == "h" else float(c) for c in row], name
+    assert preset_weights("MID12_50", n) == [0] * 6 + [0.5] * 14 + [0] * 6
+    ring = preset_weights("RING08_5", len(SDXL_BLOCKS))  # SDXL: 4 blocks each side of M00, as in SD1
+    assert ring == [0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0]  # IN03–IN06, OUT02–OUT05
     xl = preset_weights("GRAD_A", len(SDXL_BLOCKS))
     assert len(xl) == 20 and xl[10] == 1.0 and xl[1] == 0.0 and xl[-1] == 0.0  # M00 peak on 19 points
     with pytest.raises(ValueError, match="unknown MBW preset"):

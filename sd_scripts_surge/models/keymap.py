@@ -240,6 +240,19 @@ def _triangle(y: float) -> float:
     return r if r <= 1.0 else 2.0 - r
 
 
+def _fake_cubic_hermite(x: float) -> float:
+    """The cubic through (0, 0), (½, ½), (1, 1) that supermerger's FAKE_CUBIC_HERMITE table samples."""
+    return x * (25.0 / 6.0 + x * (-19.0 / 2.0 + x * 19.0 / 3.0))
+
+
+def _true_cubic_hermite(x: float) -> float:
+    """The cubic supermerger's TRUE_CUBIC_HERMITE table samples (f(1) = 1); its first block (x = 0) is 0, not
+    the cubic's 1/24, as in the table."""
+    if x <= 0.0:
+        return 0.0
+    return 1.0 / 24.0 + x * (25.0 / 6.0 + x * (-77.0 / 8.0 + x * 77.0 / 12.0))
+
+
 def _shape_presets() -> dict[str, Callable[[float], float]]:
     out: dict[str, Callable[[float], float]] = {
         "GRAD_V": lambda x: abs(2.0 * x - 1.0),
@@ -250,6 +263,10 @@ def _shape_presets() -> dict[str, Callable[[float], float]]:
         "REVERSE-SMOOTHSTEP": lambda x: 1.0 - _smoothstep(x),
         "COSINE": lambda x: (1.0 + math.cos(math.pi * x)) / 2.0,
         "REVERSE_COSINE": lambda x: (1.0 - math.cos(math.pi * x)) / 2.0,
+        "TRUE_CUBIC_HERMITE": _true_cubic_hermite,
+        "TRUE_REVERSE_CUBIC_HERMITE": lambda x: 1.0 - _true_cubic_hermite(x),
+        "FAKE_CUBIC_HERMITE": _fake_cubic_hermite,
+        "FAKE_REVERSE_CUBIC_HERMITE": lambda x: 1.0 - _fake_cubic_hermite(x),
     }
     for k in (2, 3, 4):
         out[f"SMOOTHSTEP*{k}"] = lambda x, k=k: _triangle(k * _smoothstep(x))
@@ -263,7 +280,11 @@ _SHAPES = _shape_presets()
 # count presets: (leading blocks, trailing blocks) set to 1, plus an optional 0.5 before the trailing run
 _COUNTS = {"WRAP08": (4, 4, False), "WRAP12": (6, 6, False), "WRAP14": (7, 7, False), "WRAP16": (8, 8, False),
            "OUT07": (0, 7, False), "OUT12": (0, 12, False), "OUT12_5": (0, 12, True)}
-PRESETS: tuple[str, ...] = ("ALL_A", "ALL_B", *_SHAPES, *_COUNTS)
+# ring presets: blocks whose distance from the middle block (M00) lies in [inner, outer] are 1; "soft" ones also
+# give 0.5 to the two distances just outside. MID12_50: 0.5 except the first 5 and last 6 blocks (as in the table).
+_RINGS = {"RING08_SOFT": (4, 6, True), "RING08_5": (3, 6, False), "RING10_5": (3, 7, False),
+          "RING10_3": (2, 6, False)}
+PRESETS: tuple[str, ...] = ("ALL_A", "ALL_B", *_SHAPES, *_COUNTS, *_RINGS, "MID12_50")
 
 
 def preset_weights(name: str, n_blocks: int) -> list[float]:
@@ -271,7 +292,8 @@ def preset_weights(name: str, n_blocks: int) -> list[float]:
 
     Shape presets are functions of the position x = j/(m−1) of the j-th of the m non-BASE blocks (IN00 …
     last OUT), so SD1's 26-block values equal supermerger's table and SDXL gets the same curve on 19
-    points; BASE is 0 (ALL_B: 1). Count presets set the first/last n non-BASE blocks to 1.
+    points; BASE is 0 (ALL_B: 1). Count presets set the first/last n non-BASE blocks to 1; ring presets the
+    blocks at a distance (in blocks) from the middle one, M00, so SDXL's rings hold as many blocks as SD1's.
     """
     key = name.upper()
     m = n_blocks - 1
@@ -292,6 +314,19 @@ def preset_weights(name: str, n_blocks: int) -> list[float]:
         if half and m - trail - 1 >= 0:
             values[m - trail - 1] = 0.5
         return [0.0] + values
+    if key in _RINGS:
+        inner, outer, soft = _RINGS[key]
+        middle = (m - 1) // 2
+        values = [0.0] * m
+        for j in range(m):
+            distance = abs(j - middle)
+            if inner <= distance <= outer:
+                values[j] = 1.0
+            elif soft and distance in (inner - 1, outer + 1):
+                values[j] = 0.5
+        return [0.0] + values
+    if key == "MID12_50":
+        return [0.0] + [0.5 if 5 <= j < m - 6 else 0.0 for j in range(m)]
     raise ValueError(f"unknown MBW preset {name!r}; presets: {', '.join(PRESETS)}")
 
 
