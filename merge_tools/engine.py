@@ -24,7 +24,7 @@ import math
 import os
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,6 +281,7 @@ class KeyEvaluator:
         seed: int,
         prefetched: dict[str, torch.Tensor] | None = None,
         check_leaf: Callable[[ModelRef, torch.Tensor, torch.Tensor], None] | None = None,
+        model_stats: dict[int, Any] | None = None,
     ):
         self.plan, self.root, self.read, self.dtype, self.params_of, self.seed = (
             plan,
@@ -295,13 +296,21 @@ class KeyEvaluator:
         self.memo: dict[tuple[int, bool], torch.Tensor] = {}
         self.memo_ci: int | None = None
         self.stats: dict[int, Any] = {}
+        self.model_stats = model_stats if model_stats is not None else {}
 
     def ctx(self, start: int, stop: int) -> methods.ChunkContext:
         return methods.ChunkContext(self.plan.key, self.plan.shape, start, stop, self.seed, self.dtype)
 
-    def prepare(self) -> None:
-        for node in reversed(self.root.nodes()):  # children before parents
-            if id(node) not in self.stats and node.spec.prepare is not None:
+    def prepare(self, below: Node | None = None) -> None:
+        """Per-tensor statistics of every node (only of `below`'s inputs' subtrees when given), children first;
+        a model-wide method's statistics come from `model_stats`."""
+        nodes = below.nodes()[1:] if below is not None else self.root.nodes()
+        for node in reversed(nodes):
+            if id(node) in self.stats:
+                continue
+            if node.spec.model_prepare is not None:
+                self.stats[id(node)] = self.model_stats[id(node)]
+            elif node.spec.prepare is not None:
                 ctx = self.ctx(0, self.plan.numel)
                 self.stats[id(node)] = node.spec.prepare(_NodeSource(self, node), ctx, **self.params_of(node))
 
@@ -336,6 +345,31 @@ class KeyEvaluator:
                 )
         self.memo[key] = out
         return out
+
+
+def model_statistics(
+    root: Node,
+    plans: Sequence[KeyPlan],
+    evaluator: Callable[[KeyPlan, dict[int, Any]], KeyEvaluator],
+    progress: bool = False,
+) -> dict[int, Any]:
+    """Model-wide statistics of every node whose method has `model_prepare` (children first): one pass over the
+    whole inputs of every merged tensor per such node, before anything is written."""
+    stats: dict[int, Any] = {}
+    for node in reversed(root.nodes()):
+        if node.spec.model_prepare is None or id(node) in stats:
+            continue
+
+        def items(node: Node = node) -> Iterator[tuple[methods.ChunkContext, list[torch.Tensor]]]:
+            for p in tqdm(plans, desc=f"{node.method}: model-wide statistics", unit="tensor", disable=not progress):
+                if len(p.chunks) != 1:
+                    raise RuntimeError(f"{p.key}: {node.method} needs whole tensors, not {len(p.chunks)} chunks")
+                ev = evaluator(p, stats)
+                ev.prepare(below=node)
+                yield ev.ctx(0, p.numel), [ev.value(i, 0) for i in node.inputs]
+
+        stats[id(node)] = node.spec.model_prepare(items())
+    return stats
 
 
 # ------------------------------------------------------------------------------------------ the merge
@@ -378,7 +412,9 @@ def _probe_seconds_per_element(
         return data[_path_key(ref.path)][s:e]
 
     t = time.perf_counter()
-    ev = KeyEvaluator(plan, root, read, compute, params_of, seed)
+    model_stats = model_statistics(
+        root, [plan], lambda p, ms: KeyEvaluator(p, root, read, compute, params_of, seed, model_stats=ms))
+    ev = KeyEvaluator(plan, root, read, compute, params_of, seed, model_stats=model_stats)
     ev.prepare()
     ev.value(root, 0)
     return (time.perf_counter() - t) / n
@@ -567,7 +603,8 @@ def estimate_merge(plan: MergePlan) -> float:
     opts, root = plan.opts, plan.root
     in_bytes = sum(sum(info.end - info.start for info in per.values()) for per in plan.table.values())
     out_bytes = sum(e.nbytes for e in plan.entries)
-    passes = 1 + (2 if any(n.spec.prepare for n in root.nodes()) else 0)
+    passes = 1 + (2 if any(n.spec.prepare for n in root.nodes()) else 0) + sum(
+        1 for n in root.nodes() if n.spec.model_prepare is not None)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(opts.threads or os.cpu_count() or 1)
     try:
@@ -649,8 +686,15 @@ def run_merge(plan: MergePlan, started: float | None = None) -> MergeReport:
             return None
         return pool.submit(lambda: {path: read(m, p.key, 0, p.numel) for path, m in leaves.items()})
 
+    def evaluator(p: KeyPlan, model_stats: dict[int, Any]) -> KeyEvaluator:
+        key_now[0] = p.key
+        return KeyEvaluator(p, root, read, plan.compute, plan.params_for(p.block, p.key), opts.seed, None,
+                            check_leaf if opts.check_finite == "stream" else None, model_stats)
+
     finished = False
     try:
+        # a model-wide method (supermerger's cosineA/B) first reads every tensor once for its statistics
+        model_stats = model_statistics(root, plan.merge_plans, evaluator, opts.progress) if todo else {}
         nxt = prefetch(todo[0]) if todo else None
         for idx, p in enumerate(todo):
             current, nxt = nxt, (prefetch(todo[idx + 1]) if idx + 1 < len(todo) else None)
@@ -659,9 +703,8 @@ def run_merge(plan: MergePlan, started: float | None = None) -> MergeReport:
                 bar.update(OutputEntry(p.key, p.out_dtype, p.shape).nbytes)
             else:
                 pre = current.result() if current is not None else None
-                key_now[0] = p.key
-                ev = KeyEvaluator(p, root, read, plan.compute, plan.params_for(p.block, p.key), opts.seed, pre,
-                                  check_leaf if opts.check_finite == "stream" else None)
+                ev = evaluator(p, model_stats)
+                ev.prefetched = pre or {}
                 ev.prepare()
                 for ci, (s, e) in enumerate(p.chunks):
                     writer.write(p.key, s, ev.value(root, ci).to(out_dtype))

@@ -25,7 +25,7 @@ import difflib
 import functools
 import hashlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -183,6 +183,15 @@ class MethodSpec:
     linear: bool = False
     # compute-dtype temporaries per element alive at once, for n inputs (the engine's memory plan)
     temporaries: Callable[[int], int] = field(default=lambda n: 3 * n + 4)
+    # model-wide statistics (supermerger's cosineA/B rescale by the similarity range of the whole model):
+    # model_prepare(items) gets (ctx, whole inputs) of every merged tensor once, before the merge (one more read
+    # of the inputs), and its result is `stats` for every tensor's apply. Such a method has no per-tensor
+    # prepare and needs whole tensors.
+    model_prepare: Callable[[Iterable[tuple[ChunkContext, list[Tensor]]]], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_prepare is not None and self.prepare is not None:
+            raise ValueError(f"method {self.name!r}: model_prepare and prepare cannot both be set")
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -221,8 +230,26 @@ class MethodSpec:
         flat = [t.reshape(-1) for t in inputs]
         dtype = flat[0].dtype if flat[0].is_floating_point() else torch.float64
         ctx = ChunkContext(key, shape, 0, flat[0].numel(), seed, dtype)
-        stats = self.prepare(_WholeSource(ctx, flat), ctx, **p) if self.prepare else None
+        if self.model_prepare is not None:  # the "model" is this one tensor
+            stats = self.model_prepare(iter([(ctx, flat)]))
+        else:
+            stats = self.prepare(_WholeSource(ctx, flat), ctx, **p) if self.prepare else None
         return self.apply(flat, ctx, stats, **p).reshape(shape)
+
+    def over_model(self, tensors: dict[str, Sequence[Tensor]], *, seed: int = 0, **params: Any) -> dict[str, Tensor]:
+        """Pure whole-model form: every key's inputs → its result, model-wide statistics taken over all keys
+        (for other methods the same as calling the spec per key)."""
+        p = self.resolve_params(params)
+        items = []
+        for key, inputs in tensors.items():
+            self.check_inputs(len(inputs))
+            flat = [t.reshape(-1) for t in inputs]
+            dtype = flat[0].dtype if flat[0].is_floating_point() else torch.float64
+            items.append((ChunkContext(key, tuple(inputs[0].shape), 0, flat[0].numel(), seed, dtype), flat))
+        if self.model_prepare is None:
+            return {ctx.key: self(list(tensors[ctx.key]), key=ctx.key, seed=seed, **p) for ctx, _ in items}
+        stats = self.model_prepare(iter(items))
+        return {ctx.key: self.apply(flat, ctx, stats, **p).reshape(ctx.shape) for ctx, flat in items}
 
 
 class _WholeSource:
@@ -236,7 +263,8 @@ class _WholeSource:
 
 
 REGISTRY: dict[str, MethodSpec] = {}
-ALIASES = {"uniform_soup": "soup", "n_average": "soup", "gm": "geometric_median", "ties-soup": "ties_soup"}
+ALIASES = {"uniform_soup": "soup", "n_average": "soup", "gm": "geometric_median", "ties-soup": "ties_soup",
+           "cosinea": "cosine_a", "cosineb": "cosine_b"}
 
 
 def register(spec: MethodSpec) -> MethodSpec:

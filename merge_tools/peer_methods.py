@@ -485,6 +485,95 @@ def _add_cosine_b(x: list[Tensor], ctx: ChunkContext, stats: None, alpha: float)
     return _add_cosine(a, b, alpha, (_column_cosine(a, b, 1e-8) + whole) / 2.0).reshape(-1)
 
 
+# supermerger's calcmodes cosineA / cosineB: the per-column similarity is rescaled by the range it spans over the
+# whole model (1st–99th percentile trimmed), so the merge strength follows how similar a column is *relative to
+# the rest of the model*; k → A, 1 − k → B.
+_VAE_PREFIX = "first_stage_model."
+
+
+def _normalized_columns(t: Tensor) -> Tensor:
+    return t / t.norm(dim=0, keepdim=True).clamp(min=1e-12)
+
+
+def _whole_cosine(a: Tensor, b: Tensor) -> float:
+    return float((a * b).sum()) / max(float(a.norm()) * float(b.norm()), 1e-300)
+
+
+def _cosine_mode_similarity(a: Tensor, b: Tensor, normalized: bool) -> Tensor:
+    """(cos₀ + cos) / 2: per column (along dim 0) and whole tensor; of the column-normalised tensors for cosineA."""
+    if normalized:
+        a, b = _normalized_columns(a), _normalized_columns(b)
+    return (_column_cosine(a, b, 1e-8) + _whole_cosine(a, b)) / 2.0
+
+
+def _trimmed_range(values: np.ndarray) -> tuple[float, float]:
+    """supermerger's range: drop NaN, then the values below the 1st percentile, then those above the 99th of what
+    is left (numpy's midpoint percentiles); (min, max) of the rest."""
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    values = values[values >= np.percentile(values, 1, method="midpoint")]
+    values = values[values <= np.percentile(values, 99, method="midpoint")]
+    return float(values.min()), float(values.max())
+
+
+def _cosine_mode_statistics(combined: bool) -> Any:
+    def model_prepare(items: Any) -> tuple[float, float]:
+        parts = []
+        for ctx, x in items:
+            if ctx.key.startswith(_VAE_PREFIX):  # as supermerger: the VAE does not enter the range
+                continue
+            a, b = (t.reshape(1) if t.dim() == 0 else t for t in _whole(x, ctx))
+            if combined:
+                sim = _cosine_mode_similarity(a, b, normalized=False)
+            else:
+                sim = _column_cosine(a, b, 1e-8)
+            parts.append(sim.reshape(-1).double().numpy())
+        return _trimmed_range(np.concatenate(parts) if parts else np.zeros(0))
+
+    return model_prepare
+
+
+def _cosine_mode(x: list[Tensor], ctx: ChunkContext, stats: tuple[float, float], alpha: float,
+                 normalized: bool) -> Tensor:
+    a, b = (t.reshape(1) if t.dim() == 0 else t for t in _whole(x, ctx))
+    low, high = stats
+    s = _cosine_mode_similarity(a, b, normalized)
+    scaled = (s - low) / (high - low) if high - low > 1e-12 else torch.ones_like(s)  # one similarity: all alike
+    k = (scaled - alpha).clamp(0.0, 1.0)
+    return torch.lerp(b, a, k.expand_as(a) if a.dim() else k).reshape(-1)
+
+
+@merge_method(
+    "cosine_a",
+    "lerp(B, A, k), k = clamp((s − lo)/(hi − lo) − |α|, 0, 1), s = (cos₀ + cos)/2 of the column-normalised "
+    "tensors; lo, hi = the model's trimmed range of cos₀ (1st–99th percentile)",
+    params={"alpha": ALPHA},
+    inputs=2,
+    needs=_WHOLE,
+    strength="alpha",
+    model_prepare=_cosine_mode_statistics(combined=False),
+    source="supermerger calcmode cosineA (favours A's structure with details from B)",
+)
+def _cosine_a(x: list[Tensor], ctx: ChunkContext, stats: tuple[float, float], alpha: float) -> Tensor:
+    return _cosine_mode(x, ctx, stats, abs(alpha), normalized=True)
+
+
+@merge_method(
+    "cosine_b",
+    "lerp(B, A, k), k = clamp((s − lo)/(hi − lo) − α, 0, 1), s = (cos₀ + cos)/2 of the tensors; lo, hi = the "
+    "model's trimmed range of s (1st–99th percentile)",
+    params={"alpha": ALPHA},
+    inputs=2,
+    needs=_WHOLE,
+    strength="alpha",
+    model_prepare=_cosine_mode_statistics(combined=True),
+    source="supermerger calcmode cosineB (favours B's structure with details from A)",
+)
+def _cosine_b(x: list[Tensor], ctx: ChunkContext, stats: tuple[float, float], alpha: float) -> Tensor:
+    return _cosine_mode(x, ctx, stats, alpha, normalized=False)
+
+
 def _matrix_view(t: Tensor) -> Tensor:
     """2-D view used by rotate: conv kernels as (out·in, kh·kw), other tensors as (out, rest) — sd-mecha's choice."""
     if t.dim() == 4 and t.shape[2] * t.shape[3] != 1:

@@ -140,6 +140,90 @@ def test_add_cosine_a_and_b() -> None:
     assert close(get("add_cosine_b")([a, b], alpha=0.5), expected)
 
 
+def test_cosine_a_and_b_by_hand() -> None:
+    """Three keys: x with column cosines 1 and 0, y = (3, 4) vs (4, 3) (cosine 0.96), z orthogonal. The model's
+    range drops the values under the 1st and over the 99th (midpoint) percentile: with 4 values, the smallest
+    (unless tied) and the largest. k → A, 1 − k → B."""
+    a = {"x": torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64), "y": t(3, 4), "z": t(1, 0)}
+    b = {"x": torch.tensor([[2.0, 1.0], [0.0, 0.0]], dtype=torch.float64), "y": t(4, 3), "z": t(0, 1)}
+    pairs = {k: [a[k], b[k]] for k in a}
+    # cosine_b: s = (cos₀ + cos)/2 = x: [(1 + 2/√10)/2, (2/√10)/2], y: 0.96, z: 0 → range [s_x1, s_x0]
+    s0, s1 = (1 + 2 / math.sqrt(10)) / 2, (2 / math.sqrt(10)) / 2
+    out = get("cosine_b").over_model(pairs, alpha=0.1)
+    k0 = (s0 - s1) / (s0 - s1) - 0.1  # 0.9; column 1 and z: below the range → 0 (B); y above it → 1 (A)
+    assert close(out["x"], torch.tensor([[2 - k0, 1.0], [0.0, 0.0]], dtype=torch.float64))
+    assert torch.equal(out["y"], a["y"]) and torch.equal(out["z"], b["z"])
+    # cosine_a: the range is of cos₀: [1, 0, 0.96, 0] → [0, 0.96] (the 0s tie, nothing under the 1st
+    # percentile); s of the column-normalised tensors: x: cos = 1/2 → s = [0.75, 0.25]; y: 0.96; z: 0
+    out = get("cosine_a").over_model(pairs, alpha=-0.25)  # |α| = 0.25
+    ka = [0.75 / 0.96 - 0.25, 0.25 / 0.96 - 0.25]
+    assert close(out["x"], torch.tensor([[2 - ka[0], 1 - ka[1]], [0.0, ka[1]]], dtype=torch.float64))
+    assert close(out["y"], b["y"] + 0.75 * (a["y"] - b["y"])) and torch.equal(out["z"], b["z"])
+    assert get("cosineA") is get("cosine_a") and get("cosineB") is get("cosine_b")
+
+
+def _supermerger_cosine(mode: str, a: dict, b: dict, alpha: float) -> dict:
+    """supermerger's calcmode cosineA / cosineB written out step by step (scripts/mergers/mergers.py: precosine,
+    cosine): the reference the methods must match."""
+    import numpy as np
+    from torch import nn
+
+    sim = nn.CosineSimilarity(dim=0)
+    sims = np.array([], dtype=np.float64)
+    for key in a:
+        if "first_stage_model" in key:
+            continue
+        if mode == "A":
+            sims = np.append(sims, sim(nn.functional.normalize(a[key], p=2, dim=0),
+                                       nn.functional.normalize(b[key], p=2, dim=0)).numpy())
+        else:
+            mag = torch.dot(a[key].view(-1), b[key].view(-1)) / (torch.norm(a[key]) * torch.norm(b[key]))
+            sims = np.append(sims, ((sim(a[key], b[key]) + mag) / 2.0).numpy())
+    sims = sims[~np.isnan(sims)]
+    sims = np.delete(sims, np.where(sims < np.percentile(sims, 1, method="midpoint")))
+    sims = np.delete(sims, np.where(sims > np.percentile(sims, 99, method="midpoint")))
+    out = {}
+    for key in a:
+        x, y = a[key], b[key]
+        if mode == "A":
+            x, y = nn.functional.normalize(x, p=2, dim=0), nn.functional.normalize(y, p=2, dim=0)
+        mag = torch.dot(x.reshape(-1), y.reshape(-1)) / (torch.norm(x) * torch.norm(y))
+        k = ((sim(x, y) + mag) / 2.0 - sims.min()) / (sims.max() - sims.min()) - (abs(alpha) if mode == "A" else alpha)
+        k = k.clip(min=0, max=1.0)
+        out[key] = b[key] * (1 - k) + a[key] * k
+    return out
+
+
+@pytest.mark.parametrize("mode", ["A", "B"])
+def test_cosine_modes_match_supermergers_procedure_in_the_engine(tmp_path: Path, mode: str) -> None:
+    """Random SD1-layout tensors (conv, linear, bias, a VAE key left out of the range) merged by the streaming
+    engine equal supermerger's procedure; the statistics span the whole model, not each tensor."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"model.diffusion_model.input_blocks.1.0.in_layers.2.weight": (8, 6, 3, 3),
+              "model.diffusion_model.input_blocks.1.1.proj_in.weight": (12, 16),
+              "model.diffusion_model.output_blocks.2.0.out_layers.3.bias": (16,),
+              "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight": (20, 8),
+              "first_stage_model.decoder.conv_in.weight": (4, 4, 3, 3)}
+    a = {k: torch.randn(v, generator=gen, dtype=torch.float64) for k, v in shapes.items()}
+    b = {k: a[k] + 0.8 * torch.randn(v, generator=gen, dtype=torch.float64) for k, v in shapes.items()}
+    expected = _supermerger_cosine(mode, a, b, 0.2)
+    method = f"cosine_{mode.lower()}"
+    pure = get(method).over_model({k: [a[k], b[k]] for k in a}, alpha=0.2)
+    assert all(close(pure[k], expected[k], 1e-7) for k in a)
+    linear = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    assert not close(get(method)([a[linear], b[linear]], alpha=0.2), expected[linear], 1e-3)  # one tensor ≠ model
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({k: v.float() for k, v in a.items()}, str(pa))
+    save_file({k: v.float() for k, v in b.items()}, str(pb))
+    opts = MergeOptions(progress=False, log=lambda s: None, output_dtype="fp32")
+    merge(single_method(method, [str(pa), str(pb)], {"alpha": 0.2}), tmp_path / "m.safetensors", opts)
+    out = load_file(str(tmp_path / "m.safetensors"))
+    a32 = {k: v.float().double() for k, v in a.items()}
+    b32 = {k: v.float().double() for k, v in b.items()}
+    reference = _supermerger_cosine(mode, a32, b32, 0.2)
+    assert all(close(out[k].double(), reference[k], 1e-6) for k in a)
+
+
 def _rot(phi: float) -> torch.Tensor:
     return torch.tensor([[math.cos(phi), -math.sin(phi)], [math.sin(phi), math.cos(phi)]], dtype=torch.float64)
 
