@@ -282,6 +282,7 @@ class KeyEvaluator:
         prefetched: dict[str, torch.Tensor] | None = None,
         check_leaf: Callable[[ModelRef, torch.Tensor, torch.Tensor], None] | None = None,
         model_stats: dict[int, Any] | None = None,
+        workspace: methods.Workspace | None = None,
     ):
         self.plan, self.root, self.read, self.dtype, self.params_of, self.seed = (
             plan,
@@ -297,9 +298,12 @@ class KeyEvaluator:
         self.memo_ci: int | None = None
         self.stats: dict[int, Any] = {}
         self.model_stats = model_stats if model_stats is not None else {}
+        self.workspace = workspace  # the run's persistent buffers (leaf conversions, node temporaries)
 
-    def ctx(self, start: int, stop: int) -> methods.ChunkContext:
-        return methods.ChunkContext(self.plan.key, self.plan.shape, start, stop, self.seed, self.dtype)
+    def ctx(self, start: int, stop: int, owner: Node | None = None) -> methods.ChunkContext:
+        """A chunk's context; with `owner`, methods.ChunkContext.buffer hands out that node's buffers."""
+        ws = self.workspace if owner is not None else None
+        return methods.ChunkContext(self.plan.key, self.plan.shape, start, stop, self.seed, self.dtype, ws, id(owner))
 
     def prepare(self, below: Node | None = None) -> None:
         """Per-tensor statistics of every node (only of `below`'s inputs' subtrees when given), children first;
@@ -329,13 +333,18 @@ class KeyEvaluator:
                 out = raw if raw is not None else self.read(item, self.plan.key, s, e)
             else:
                 raw = self.value(item, ci, stored=True)
-                out = raw.to(self.dtype)
+                if raw.dtype == self.dtype:
+                    out = raw
+                elif self.workspace is not None:  # widen into this input's persistent buffer
+                    out = self.workspace.get(("leaf", id(item)), raw.numel(), self.dtype).copy_(raw)
+                else:
+                    out = raw.to(self.dtype)
                 if self.check_leaf is not None:
                     self.check_leaf(item, raw, out)
         else:
             spec = item.spec
             inputs = [self.value(i, ci, stored=spec.linear) for i in item.inputs]
-            out = spec.apply(inputs, self.ctx(s, e), self.stats.get(id(item)), **self.params_of(item))
+            out = spec.apply(inputs, self.ctx(s, e, owner=item), self.stats.get(id(item)), **self.params_of(item))
             if spec.linear and self.check_leaf is not None and not math.isfinite(float(out.sum())):
                 for i, x in zip(item.inputs, inputs):
                     if isinstance(i, ModelRef):
@@ -660,8 +669,16 @@ def run_merge(plan: MergePlan, started: float | None = None) -> MergeReport:
             pending.clear()
         last_flush = time.time()
 
-    def read(ref: ModelRef, key: str, s: int, e: int) -> torch.Tensor:
-        return readers[plans_by_key[key].sources[_path_key(ref.path)]].read(key, s, e)
+    # persistent buffers: node temporaries and widened inputs (`workspace`), and the raw reads in two sets that
+    # alternate by key (the reader thread fills the next key's set while this one's is in use), each set
+    # holding one buffer per input file (two leaves of one file read the same bytes into it); together what the
+    # memory plan counts per element, held between keys
+    workspace, read_sets, parity = methods.Workspace(), (methods.Workspace(), methods.Workspace()), [0]
+
+    def read(ref: ModelRef, key: str, s: int, e: int, which: int | None = None) -> torch.Tensor:
+        ws = read_sets[parity[0] if which is None else which]
+        return readers[plans_by_key[key].sources[_path_key(ref.path)]].read(
+            key, s, e, into=lambda nbytes: ws.get(("read", _path_key(ref.path)), nbytes, torch.uint8))
 
     def check_leaf(ref: ModelRef, raw: torch.Tensor, converted: torch.Tensor) -> None:
         # min and max propagate NaN and show ±Inf: both finite iff every element is (one cheap pass over the
@@ -681,23 +698,24 @@ def run_merge(plan: MergePlan, started: float | None = None) -> MergeReport:
     out_dtype = DTYPES[opts.output_dtype]
     out_size = torch.empty(0, dtype=out_dtype).element_size()
 
-    def prefetch(p: KeyPlan) -> Future | None:
+    def prefetch(p: KeyPlan, which: int) -> Future | None:
         if p.mode != "merge" or len(p.chunks) != 1:
             return None
-        return pool.submit(lambda: {path: read(m, p.key, 0, p.numel) for path, m in leaves.items()})
+        return pool.submit(lambda: {path: read(m, p.key, 0, p.numel, which) for path, m in leaves.items()})
 
     def evaluator(p: KeyPlan, model_stats: dict[int, Any]) -> KeyEvaluator:
         key_now[0] = p.key
         return KeyEvaluator(p, root, read, plan.compute, plan.params_for(p.block, p.key), opts.seed, None,
-                            check_leaf if opts.check_finite == "stream" else None, model_stats)
+                            check_leaf if opts.check_finite == "stream" else None, model_stats, workspace)
 
     finished = False
     try:
         # a model-wide method (supermerger's cosineA/B) first reads every tensor once for its statistics
         model_stats = model_statistics(root, plan.merge_plans, evaluator, opts.progress) if todo else {}
-        nxt = prefetch(todo[0]) if todo else None
+        nxt = prefetch(todo[0], 0) if todo else None
         for idx, p in enumerate(todo):
-            current, nxt = nxt, (prefetch(todo[idx + 1]) if idx + 1 < len(todo) else None)
+            parity[0] = idx % 2  # this key's reads; the prefetch of the next one fills the other set
+            current, nxt = nxt, (prefetch(todo[idx + 1], (idx + 1) % 2) if idx + 1 < len(todo) else None)
             if p.mode == "copy":
                 writer.write_raw(p.key, readers[p.sources[""]].read(p.key).view(torch.uint8).numpy())
                 bar.update(OutputEntry(p.key, p.out_dtype, p.shape).nbytes)
@@ -707,7 +725,10 @@ def run_merge(plan: MergePlan, started: float | None = None) -> MergeReport:
                 ev.prefetched = pre or {}
                 ev.prepare()
                 for ci, (s, e) in enumerate(p.chunks):
-                    writer.write(p.key, s, ev.value(root, ci).to(out_dtype))
+                    value = ev.value(root, ci)
+                    if value.dtype != out_dtype:  # narrow into a persistent buffer (written before it is reused)
+                        value = workspace.get(("output",), value.numel(), out_dtype).copy_(value.reshape(-1))
+                    writer.write(p.key, s, value)
                     bar.update((e - s) * out_size)
                 del ev
             pending.append(p.key)

@@ -57,13 +57,16 @@ class TensorReader:
         with contextlib.suppress(Exception):
             self.close()
 
-    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Flat elements [start, stop) of tensor `key` in its stored dtype (a new 1-D tensor)."""
+    def read(self, key: str, start: int = 0, stop: int | None = None,
+             into: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """Flat elements [start, stop) of tensor `key` in its stored dtype: a new 1-D tensor, or a view of the
+        uint8 buffer `into(nbytes)` returns (a persistent one: no fresh memory to fault in)."""
         info = self.header.tensors[key]
         itemsize = SAFETENSORS_DTYPES[info.dtype][1]
         stop = info.numel if stop is None else stop
         nbytes = (stop - start) * itemsize
-        buf = torch.empty(nbytes, dtype=torch.uint8)  # torch's allocator (huge pages when enabled), not numpy's
+        # torch's allocator (huge pages when enabled), not numpy's
+        buf = torch.empty(nbytes, dtype=torch.uint8) if into is None else into(nbytes)
         view = memoryview(buf.numpy())
         offset, done = info.start + start * itemsize, 0
         while done < nbytes:  # preadv may return short counts on some filesystems

@@ -108,6 +108,44 @@ def test_bit_identical_for_any_chunk_size_and_threads(
     assert torch.equal(got["ids"], full[0]["ids"])
 
 
+@pytest.mark.parametrize("chunk", [None, 500, 4096])
+def test_persistent_buffers_give_the_pure_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk) -> None:
+    """Two nodes of one method under a third share the run's workspace: each keeps its own buffers, buffers
+    are reused across chunks and keys (grown, never leaked between nodes), and the bytes equal the pure calls."""
+    from merge_tools.recipe import ModelRef, Node, Recipe
+
+    paths = make_models(tmp_path, 3)
+    refs = [ModelRef(f"m{i}", p) for i, p in enumerate(paths)]
+    t1 = Node("ties", (refs[0], refs[1], refs[2]), {"k": 0.5})
+    t2 = Node("ties", (refs[0], refs[3], refs[1]), {"k": 0.3})
+    ta = Node("task_arithmetic", (refs[0], refs[2], refs[3]), {"lam": 0.7})
+    root = Node("soup", (t1, t2, ta, refs[1]))
+    gets, fresh = [0], [0]
+    original = methods.Workspace.get
+
+    def counting_get(self, key, numel, dtype):
+        gets[0] += 1
+        known = (*key, dtype) in self._buffers and self._buffers[(*key, dtype)].numel() >= numel
+        fresh[0] += not known
+        return original(self, key, numel, dtype)
+
+    monkeypatch.setattr(methods.Workspace, "get", counting_get)
+    out = tmp_path / "o.safetensors"
+    merge(Recipe(root, {}, "test"), out,
+          MergeOptions(progress=False, log=lambda s: None, output_dtype="fp32", max_chunk_elements=chunk, threads=1))
+    if chunk is not None:  # many equal chunks: most requests are served by a buffer made earlier
+        assert gets[0] > 3 * fresh[0], (gets, fresh)
+    full = [load_file(str(p)) for p in paths]
+    got = load_file(str(out))
+    for k in SHAPES:
+        x = [sd[k].double() for sd in full]
+        a = methods.get("ties")([x[0], x[1], x[2]], key=k, seed=0, k=0.5)
+        b = methods.get("ties")([x[0], x[3], x[1]], key=k, seed=0, k=0.3)
+        c = methods.get("task_arithmetic")([x[0], x[2], x[3]], key=k, seed=0, lam=0.7)
+        ref = methods.get("soup")([a, b, c, x[1]], key=k, seed=0).float()
+        assert torch.equal(got[k], ref), k
+
+
 def test_many_chunks_really_happen(tmp_path: Path) -> None:
     paths = make_models(tmp_path, 2)
     seen = []
