@@ -517,35 +517,51 @@ def topk_threshold(values: np.ndarray, k: float) -> float:
     return float(values[m - 1])
 
 
-def _signed_filter(deltas: list[Tensor], vote: str, ctx: ChunkContext | None = None) -> tuple[list[Tensor], Tensor]:
-    """TIES elect: sign γ = sgn Σ τ_i (vote="mass") or sgn Σ sgn τ_i (vote="count"); keep τ_i agreeing with γ.
-
-    Zeroes the disagreeing entries of the given (fresh) delta tensors in place; returns them and the count
-    of agreeing non-zero entries. τ·γ > 0 is exact (γ ∈ {−1, 0, 1}) and means: same sign as γ, non-zero.
-    """
+def _elect(deltas: list[Tensor], vote: str, ctx: ChunkContext | None, agree: Tensor) -> Tensor:
+    """TIES elect: γ = sgn Σ τ_i (vote="mass") or sgn Σ sgn τ_i (vote="count"); `agree` is scratch."""
     gamma = _scratch(ctx, "gamma", deltas[0])
-    agree = _scratch(ctx, "agree", deltas[0])  # also the signs of the count vote
     if vote == "mass":
         _sum_into(gamma, deltas)
     else:
         torch.sign(deltas[0], out=gamma)
         for d in deltas[1:]:
             gamma += torch.sign(d, out=agree)
-    gamma.sign_()
+    return gamma.sign_()
+
+
+def _agreeing(d: Tensor, gamma: Tensor, out: Tensor) -> Tensor:
+    """[τ·γ > 0] as 0/1 in the compute dtype: exact (γ ∈ {−1, 0, 1}); same sign as γ and non-zero. (Bool masks
+    make the mixed-dtype kernels that use it ~3× slower.)"""
+    return torch.mul(d, gamma, out=out).gt_(0)
+
+
+def _signed_filter(deltas: list[Tensor], vote: str, ctx: ChunkContext | None = None) -> tuple[list[Tensor], Tensor]:
+    """TIES elect and filter: zeroes the entries of the given (fresh) delta tensors that disagree with γ, in
+    place; returns them and the count of agreeing non-zero entries."""
+    agree = _scratch(ctx, "agree", deltas[0])  # also the signs of the count vote
+    gamma = _elect(deltas, vote, ctx, agree)
     count = _scratch(ctx, "count", deltas[0]).zero_()
     for d in deltas:
-        # agree = [τ·γ > 0] as 0/1 in the compute dtype (bool masks make mixed-dtype kernels ~3x slower)
-        torch.mul(d, gamma, out=agree).sign_().clamp_(min=0)
-        d.mul_(agree)
+        d.mul_(_agreeing(d, gamma, agree))
         count.add_(agree)
     return deltas, count
 
 
 def _disjoint_mean(deltas: list[Tensor], vote: str, ctx: ChunkContext | None = None) -> Tensor:
-    filtered, count = _signed_filter(deltas, vote, ctx)
-    acc = filtered[0]  # fresh tensors: accumulate in place, same order as _sum
-    for f in filtered[1:]:
-        acc.add_(f)
+    """Σ_i [τ_i·γ > 0] τ_i / max(1, count): `_signed_filter` then the sum, fused (the masked τ_i are added
+    with addcmul instead of being zeroed first; the products are exact, so the bits are the same). The result
+    is the first delta's tensor."""
+    agree = _scratch(ctx, "agree", deltas[0])
+    gamma = _elect(deltas, vote, ctx, agree)
+    count = _scratch(ctx, "count", deltas[0]).zero_()
+    acc = deltas[0]
+    for i, d in enumerate(deltas):
+        _agreeing(d, gamma, agree)
+        if i == 0:
+            acc.mul_(agree)
+        else:
+            acc.addcmul_(d, agree)
+        count.add_(agree)
     return acc.div_(count.clamp_(min=1))
 
 
@@ -707,9 +723,7 @@ def _ties_apply(x: list[Tensor], ctx: ChunkContext, stats: _TiesStats | None, k:
     if stats is not None:
         keep = _scratch(ctx, "agree", deltas[0])  # free until _signed_filter takes it
         for d, t in zip(deltas, stats.thresholds):
-            # keep = [|τ| >= t] as 0/1: sign(|τ| − t) is exact, +1 and clamp map {−1, 0, 1} to {0, 1, 1}
-            torch.abs(d, out=keep).sub_(t).sign_().add_(1.0).clamp_(max=1.0)
-            d.mul_(keep)
+            d.mul_(torch.abs(d, out=keep).ge_(t))  # keep = [|τ| >= t] as 0/1 in the compute dtype
     return _disjoint_mean(deltas, "mass", ctx).mul_(lam).add_(x[0])
 
 
