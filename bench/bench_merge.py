@@ -32,16 +32,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 OUR_PYTHON = REPO / ".venv" / "bin" / "python"
 MECHA_PYTHON = REPO / "bench" / ".venv-mecha" / "bin" / "python"
-METHODS = ("soup", "ties", "model_stock", "geometric_median", "tgmd")
+METHODS = ("soup", "ties", "model_stock", "geometric_median", "tgmd", "dgmla")
 
 # Our CLI: method name and extra flags per benchmark method (DESIGN §6 definitions).
-OUR_USES_BASE = {"ties", "model_stock", "tgmd"}  # soup and geometric_median take the models only
+OUR_USES_BASE = {"ties", "model_stock", "tgmd", "dgmla"}  # soup and geometric_median take the models only
 OUR_ARGS: dict[str, list[str]] = {
     "soup": ["soup"],
     "ties": ["ties", "--k", "0.2"],
     "model_stock": ["model_stock"],
     "geometric_median": ["geometric_median"],
     "tgmd": ["tgmd"],
+    "dgmla": ["dgmla"],
 }
 
 # How far the two tools' definitions agree, printed beside the measured difference.
@@ -56,6 +57,10 @@ DEFINITION_NOTES: dict[str, str] = {
     "tensor in weight space (translation-equivariant, so = base + GM of deltas)",
     "tgmd": "sign filter by sign count (TIES-SOUP, k = 100%), then Weiszfeld GM of the filtered deltas per "
     "tensor, added to the base (sd-mecha ties_sum_extended k=1, vote_sgn=False, apply_median=True)",
+    "dgmla": "differs by definition and by its random masks (same work): DELLA drop p = 0.1 by magnitude rank "
+    "(eps 0.1 toward keeping large |delta|), sign count, Weiszfeld GM. Ours ranks within rows and rescales each "
+    "entry by 1/(1 - p_entry) before the vote; sd-mecha (ties_sum_with_dropout probability=0.1, della_eps=0.1, "
+    "k=1, apply_median) ranks the whole tensor and divides the merged delta by 1 - p",
 }
 
 
@@ -81,6 +86,10 @@ def mecha_recipe(method: str, base_path: str, model_paths: list[str]):  # noqa: 
     if method == "ties":
         # vote_sgn=True elects the sign by the sum of the deltas (TIES paper), not by the count of signs.
         merged = ties.ties_sum(*deltas, k=0.2, vote_sgn=True)
+    elif method == "dgmla":
+        merged = ties.ties_sum_with_dropout(*deltas, probability=0.1, della_eps=0.1, rescale=True, k=1.0,
+                                            vote_sgn=False, apply_median=True, eps=1e-6, maxiter=100, ftol=1e-20,
+                                            seed=0)
     elif method == "tgmd":
         merged = ties.ties_sum_extended(*deltas, k=1.0, vote_sgn=False, apply_median=True,
                                         eps=1e-6, maxiter=100, ftol=1e-20)
@@ -154,7 +163,7 @@ def _tree_memory(pid: int) -> tuple[int, int]:
     return rss, anon
 
 
-def run_measured(tool: str, cmd: list[str], timeout_s: float, log_path: Path) -> RunResult:
+def run_measured(tool: str, cmd: list[str], timeout_s: float, log_path: Path, cwd: Path = REPO) -> RunResult:
     """Run cmd, polling the process tree's memory every 50 ms; kill it after timeout_s."""
     result = RunResult(tool)
     peaks = [0, 0]
@@ -162,7 +171,7 @@ def run_measured(tool: str, cmd: list[str], timeout_s: float, log_path: Path) ->
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
 
         def poll() -> None:
             while not done.is_set():
@@ -247,7 +256,9 @@ class Case:
     method: str
     ours: RunResult | None = None
     mecha: RunResult | None = None
+    baseline: RunResult | None = None  # ours from --ours-baseline-tree (an earlier commit), same settings
     comparison: Comparison | None = None
+    read_s: float = 0.0  # seconds to read every input once from the warm page cache (the floor for any tool)
     note: str = ""
 
 
@@ -264,17 +275,21 @@ def family_paths(data: Path, arch: str, n: int) -> tuple[Path, list[Path]]:
     return base, models
 
 
-def prewarm(paths: list[Path]) -> None:
-    """Read the inputs once so both tools start from the same (warm) page cache when they fit in it."""
+def prewarm(paths: list[Path]) -> float:
+    """Read the inputs once so every tool starts from the same (warm) page cache when they fit in it; returns
+    the seconds that read took (0 when they do not fit)."""
     import psutil
 
     size = sum(p.stat().st_size for p in paths)
     if size > 0.5 * psutil.virtual_memory().available:
-        return
+        return 0.0
+    buf = bytearray(64 << 20)
+    start = time.perf_counter()
     for p in paths:
-        with open(p, "rb") as f:
-            while f.read(64 << 20):
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
                 pass
+    return time.perf_counter() - start
 
 
 def run_case(case: Case, args: argparse.Namespace) -> None:
@@ -299,19 +314,25 @@ def run_case(case: Case, args: argparse.Namespace) -> None:
         str(MECHA_PYTHON), str(Path(__file__).resolve()), "mecha-worker", case.method, "--base", str(base),
         *inputs, "-o", str(mecha_out), "--threads", str(args.threads),
     ]
-    runs = []
+    runs: list[tuple[str, list[str], Path]] = []
     if not args.skip_ours:
-        runs.append(("ours", ours_cmd))
+        runs.append(("ours", ours_cmd, REPO))
+    if args.ours_baseline_tree is not None:
+        old_out = out_dir / f"{stem}_baseline.safetensors"
+        old_cmd = [*ours_cmd[:ours_cmd.index("-o") + 1], str(old_out), *ours_cmd[ours_cmd.index("-o") + 2:]]
+        runs.append(("baseline", old_cmd, args.ours_baseline_tree))
     if not args.skip_mecha:
-        runs.append(("mecha", mecha_cmd))
-    for tool, cmd in runs:
+        runs.append(("mecha", mecha_cmd, REPO))
+    for tool, cmd, cwd in runs:
         prewarm([base, *models])
+        if not case.read_s:  # the warm read once more, timed: the floor every run is compared with
+            case.read_s = prewarm([base, *models] if case.method in OUR_USES_BASE else models)
         timeout = args.timeout
         if tool == "mecha" and args.mecha_timeout_factor and case.ours is not None and not case.ours.returncode:
             # enough to show the ratio's lower bound without waiting for very slow baseline runs
             timeout = min(timeout, max(60.0, args.mecha_timeout_factor * case.ours.wall_s))
         print(f"[{stem}] {tool}: {' '.join(cmd[:6])} ... (timeout {timeout:.0f} s)", flush=True)
-        result = run_measured(tool, cmd, timeout, out_dir / f"{stem}_{tool}.log")
+        result = run_measured(tool, cmd, timeout, out_dir / f"{stem}_{tool}.log", cwd)
         setattr(case, tool, result)
         status = "TIMEOUT" if result.timed_out else f"rc={result.returncode}"
         print(f"[{stem}] {tool}: {result.wall_s:.1f} s, peak RSS {result.peak_rss_gb:.2f} GB "
@@ -325,6 +346,12 @@ def run_case(case: Case, args: argparse.Namespace) -> None:
         print(f"[{stem}] max |ours - mecha| = {c.max_abs_diff:.3g} ({c.max_ulp_diff:.1f} fp16 ulp) at "
               f"{c.worst_key}; {c.frac_elements_differing:.2%} of entries differ", flush=True)
     case.note = DEFINITION_NOTES[case.method]
+    if case.baseline is not None and case.ours is not None and ours_out.is_file():
+        old_out = out_dir / f"{stem}_baseline.safetensors"
+        if old_out.is_file():
+            same = old_out.read_bytes() == ours_out.read_bytes()
+            print(f"[{stem}] baseline tree output {'byte-identical to' if same else 'DIFFERS from'} ours", flush=True)
+        old_out.unlink(missing_ok=True)
     if not args.keep_outputs:
         for p in (ours_out, mecha_out):
             p.unlink(missing_ok=True)
@@ -346,11 +373,14 @@ def _fmt_run(r: RunResult | None) -> tuple[str, str]:
 
 def table(cases: list[Case]) -> str:
     """Markdown table: times, peak memory (anon/RSS GB), ratios mecha/ours, max abs diff."""
-    head = ("| arch | N | method | ours s | mecha s | time mecha/ours | ours GB anon/RSS | mecha GB anon/RSS "
-            "| RSS mecha/ours | max abs diff (ulp) |")
-    lines = [head, "|" + "---|" * 10]
+    with_base = any(c.baseline is not None for c in cases)
+    head = ("| arch | N | method | read s | ours s | ours/read | mecha s | time mecha/ours | ours GB anon/RSS "
+            "| mecha GB anon/RSS | RSS mecha/ours | max abs diff (ulp) |"
+            + (" baseline s | baseline/ours | baseline GB anon/RSS |" if with_base else ""))
+    lines = [head, "|" + "---|" * (12 + 3 * with_base)]
     for c in cases:
         ot, om = _fmt_run(c.ours)
+        per_read = _ratio(c.ours.wall_s, c.read_s) if c.ours is not None and not c.ours.returncode else "-"
         mt, mm = _fmt_run(c.mecha)
         ok = [r for r in (c.ours, c.mecha) if r is not None and not r.returncode]
         t_ratio = rss_ratio = "-"
@@ -362,8 +392,13 @@ def table(cases: list[Case]) -> str:
         diff = "-"
         if c.comparison is not None:
             diff = f"{c.comparison.max_abs_diff:.2g} ({c.comparison.max_ulp_diff:.0f})"
-        lines.append(f"| {c.arch} | {c.n} | {c.method} | {ot} | {mt} | {t_ratio} | {om} | {mm} | {rss_ratio} "
-                     f"| {diff} |")
+        row = (f"| {c.arch} | {c.n} | {c.method} | {c.read_s:.1f} | {ot} | {per_read} | {mt} | {t_ratio} | {om} "
+               f"| {mm} | {rss_ratio} | {diff} |")
+        if with_base:
+            bt, bm = _fmt_run(c.baseline)
+            ok_b = c.baseline is not None and not c.baseline.returncode and c.ours is not None
+            row += f" {bt} | {_ratio(c.baseline.wall_s, c.ours.wall_s) if ok_b else '-'} | {bm} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -386,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-mecha", action="store_true")
     ap.add_argument("--keep-outputs", action="store_true", help="keep the merged files in <data>/out")
     ap.add_argument("--json", type=Path, default=None, help="also write all results here")
+    ap.add_argument("--ours-baseline-tree", type=Path, default=None,
+                    help="also run our CLI from this checkout (e.g. a git worktree of an earlier commit), same "
+                    "settings, and check its output is byte-identical")
     args = ap.parse_args(argv)
     if args.quick:
         args.arch, args.n = ["sd1"], [4]
