@@ -108,6 +108,10 @@ ABLATIONS: dict[str, list[str]] = {
     # the default replay LR (learning_rate × 0.1) and at 1e-3 (a third of task q's best learning rate, 3e-3)
     "surge_tuned_no_replay": _with(METHODS["surge_tuned"], surge_replay_units="0"),
     "surge_tuned_rlr1e-3": _with(METHODS["surge_tuned"], surge_replay_lr="1e-3"),
+    # replay on half of the cached batch per step (the bench's flavors are one batch of 8): half the cost a step
+    "surge_tuned_rlr1e-3_rb4": _with(METHODS["surge_tuned"], surge_replay_lr="1e-3", surge_replay_batch="4"),
+    "surge_tuned_rlr1e-3_rb4_40": _with(METHODS["surge_tuned"], surge_replay_lr="1e-3", surge_replay_batch="4",
+                                        surge_replay_steps="40"),
     "surge_tuned_replay50": _with(METHODS["surge_tuned"], surge_replay_steps="50"),
     "surge_tuned_replay100": _with(METHODS["surge_tuned"], surge_replay_steps="100"),
     "surge_tuned_replay50_rlr1e-3": _with(METHODS["surge_tuned"], surge_replay_steps="50", surge_replay_lr="1e-3"),

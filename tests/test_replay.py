@@ -179,3 +179,42 @@ def test_all_unit_replay_retests_the_windows_a_rollback_changes(teacher, flavors
             assert r.after <= r.before
         else:  # the error its change made, which got it rolled back
             assert r.after > r.before
+
+
+def test_replay_rows_take_the_batch_in_turn() -> None:
+    from sd_scripts_surge.surge.replay import _replay_rows
+
+    assert [_replay_rows(8, 4, t) for t in range(3)] == [slice(0, 4), slice(4, 8), slice(0, 4)]
+    assert [_replay_rows(8, 3, t) for t in range(4)] == [slice(0, 3), slice(3, 6), slice(6, 8), slice(0, 3)]
+    assert _replay_rows(8, 0, 5) == _replay_rows(8, 8, 1) == _replay_rows(8, 20, 0) == slice(None)
+
+
+def test_all_unit_replay_on_sub_batches(teacher, flavors, monkeypatch: pytest.MonkeyPatch) -> None:
+    """replay batch 1 of the 2-sample flavors: step s trains on flavor s mod 3, sample ⌊s/3⌋ mod 2 (every side
+    input cut to that sample), and the perturbed units still get closer to the teacher."""
+    import sd_scripts_surge.surge.replay as replay
+
+    unit_map = mbw_unit_map(teacher)
+    perturbed = ["IN02", "IN05", "M00", "OUT03"]
+    student = perturbed_copy(teacher, unit_map, perturbed, scale=0.3)
+    units = [u.name for u in unit_map.units if u.kind != "embed"]
+    before = {u: window_error(student, unit_map, u, flavors, 0, 2) for u in perturbed}
+    seen: list[tuple[str, torch.Tensor, dict]] = []
+    original = replay.run_unit
+
+    def spy(unet, spec, x, shared, side=None):
+        if torch.is_grad_enabled():  # the training steps (the window tests run without grad)
+            seen.append((spec.name, x.detach().clone(), {k: v.shape[0] for k, v in shared.items() if v.dim()}))
+        return original(unet, spec, x, shared, side)
+
+    monkeypatch.setattr(replay, "run_unit", spy)
+    replay_all_units(student, unit_map, units, flavors, replay_steps=30, lr=1e-3, post_change_layers=2, batch=1)
+    per_step = len(units)
+    assert len(seen) == 30 * per_step
+    for step in (0, 1, 3, 4, 6):
+        name, x, shared_rows = seen[step * per_step]
+        row = (step // 3) % 2
+        assert torch.equal(x, flavors[step % 3].units[name].input[row:row + 1]), step
+        assert set(shared_rows.values()) == {1}, shared_rows
+    improved = [u for u in perturbed if window_error(student, unit_map, u, flavors, 0, 2) < before[u]]
+    assert len(improved) >= 3

@@ -336,6 +336,9 @@ class SurgeConfig:
     replay_epochs: int = opt(0, "replay (and unit LERP) at the starts of the first N epochs only; later epoch "
                              "starts re-measure and move the LRs without it (0: every epoch)", ge=0,
                              note="(0: every epoch)")
+    replay_batch: int = opt(0, "replay_mode all: flavor samples per replay step, taken in turn from each cached "
+                            "batch (a smaller batch makes a step cheaper; 0: the whole batch)", ge=0,
+                            note="(0: the whole batch)")
     replay_mode: str = opt("single", "single: the worst replay_units units one at a time; all: every unit at "
                            "once, teacher-forced", choices=("single", "all"))
     lerp_alpha: float = opt(0.0, "unit LERP θ ← θ + α(θ_T − θ) toward a same-architecture teacher (plain "

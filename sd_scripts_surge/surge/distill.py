@@ -238,14 +238,15 @@ def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, 
                        post_change_layers: int, rank: int = 0, world_size: int = 1,
                        replay_params: Callable[[str], list[tuple[str, nn.Parameter]] | None] | None = None,
                        controller_mode: str = "surge", random_seed: int = 0, replay_mode: str = "single",
-                       lerp_teacher: nn.Module | None = None, lerp_alpha: float = 0.0,
+                       lerp_teacher: nn.Module | None = None, lerp_alpha: float = 0.0, replay_batch: int = 0,
                        log: Callable[[str], None] = print) -> SurgeUpdate:
     """DESIGN §3 B–E for one epoch. Every rank calls it; statistics are all-reduced so all ranks agree.
 
     replay_mode: "single" (DESIGN §3 E: the `replay_units` worst high-difference units, one at a time) or "all"
     (DESIGN §3 H: every unit with a difference, teacher-forced, in one batched replay; `replay_units` > 0 turns
-    it on). `lerp_teacher` (a same-architecture teacher UNet) and `lerp_alpha` > 0: every unit with a
-    difference is LERPed toward it after replay (DESIGN §3 E), each kept only by the same downstream test.
+    it on; `replay_batch` samples of a cached batch per step, 0 = all). `lerp_teacher` (a same-architecture
+    teacher UNet) and `lerp_alpha` > 0: every unit with a difference is LERPed toward it after replay (DESIGN
+    §3 E), each kept only by the same downstream test.
     controller_mode: "surge" (DESIGN §3 D), "random" (ablation: log-uniform multipliers in
     [1/shock_rate, shock_rate] drawn from `random_seed`) or "off" (every multiplier stays 1).
     Replay changes weights: every rank runs it on the same cached flavors, then the caller broadcasts the
@@ -275,7 +276,8 @@ def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, 
     differing = [u for u in unit_map.names if unit_map[u].kind != "embed" and table[u]["d"] > 0]
     if replaying and replay_mode == "all":
         update.replay = replay_all_units(student, unit_map, differing, flavors, replay_steps=replay_steps,
-                                         lr=replay_lr, post_change_layers=post_change_layers, params_of=replay_params)
+                                         lr=replay_lr, post_change_layers=post_change_layers, params_of=replay_params,
+                                         batch=replay_batch)
         kept = [r.unit for r in update.replay if r.accepted]
         log(f"replay (all units, {replay_steps} steps): kept {len(kept)}/{len(update.replay)}; window error "
             f"{sum(r.before for r in update.replay):.4g} -> {sum(r.after for r in update.replay):.4g} (sum)")

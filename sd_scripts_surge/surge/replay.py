@@ -294,13 +294,29 @@ def lerp_unit(unet: nn.Module, teacher: nn.Module, unit_map: UnitMap, unit: str,
                            post_change_layers, "lerp", 0)
 
 
+def _replay_rows(size: int, batch: int, turn: int) -> slice:
+    """The samples of a cached batch of `size` that replay step uses on its `turn`-th visit to the batch."""
+    if batch <= 0 or batch >= size:
+        return slice(None)
+    parts = -(-size // batch)
+    start = (turn % parts) * batch
+    return slice(start, min(start + batch, size))
+
+
+def _take(value: torch.Tensor, rows: slice) -> torch.Tensor:
+    """`value` restricted to `rows` of the batch; tensors without a batch dimension (scalars) as they are."""
+    return value if rows == slice(None) or value.dim() == 0 else value[rows]
+
+
 def replay_all_units(unet: nn.Module, unit_map: UnitMap, units: Sequence[str], flavors: Sequence[Flavor], *,
                      replay_steps: int = 20, lr: float = 1e-4, post_change_layers: int = 1,
                      params_of: Callable[[str], Sequence[tuple[str, nn.Parameter]] | None] | None = None,
-                     ) -> list[ReplayResult]:
+                     batch: int = 0) -> list[ReplayResult]:
     """Train `units` together on cached teacher inputs → outputs (see module docstring), then keep or roll back
     each unit by its own downstream test. `params_of(unit)` gives what to train for a unit (default: its own
-    weights; a LoRA network's parameters of the unit when training a LoRA; an empty list skips the unit)."""
+    weights; a LoRA network's parameters of the unit when training a LoRA; an empty list skips the unit).
+    `batch` > 0: each step trains on that many samples of a cached batch, the next slice of it every time the
+    batches come round again (step s uses batch s mod K, slice ⌊s / K⌋ mod ⌈B / batch⌉); 0: the whole batch."""
     if not flavors:
         raise ValueError("replay needs at least one cached flavor batch")
     _check_full_size(flavors)
@@ -329,12 +345,16 @@ def replay_all_units(unet: nn.Module, unit_map: UnitMap, units: Sequence[str], f
         for step in range(replay_steps):
             k = step % len(flavors)
             fl, shared = flavors[k], _shared(flavors[k], device, dtype)
+            rows = _replay_rows(inputs[k][specs[0].name].shape[0], batch, step // len(flavors))
+            shared = {name: _take(v, rows) for name, v in shared.items()}
             loss = torch.zeros((), device=device)
             for spec in specs:
                 x = inputs[k][spec.name]
-                y = run_unit(unet, spec, x, shared, _side(spec, fl, {}, x))
-                _check_shapes(spec, y, fl)
-                loss = loss + F.mse_loss(y.float(), targets[k][spec.name]) / norms[k][spec.name]
+                side = {name: _take(v, rows) for name, v in _side(spec, fl, {}, x).items()}
+                y = run_unit(unet, spec, x[rows], shared, side)
+                if rows == slice(None):
+                    _check_shapes(spec, y, fl)
+                loss = loss + F.mse_loss(y.float(), targets[k][spec.name][rows]) / norms[k][spec.name]
             _step(optimizer, loss, tensors)
     results = {s.name: ReplayResult(s.name, "train_all", True, before[s.name], before[s.name], replay_steps)
                for s in specs}
