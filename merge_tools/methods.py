@@ -719,10 +719,17 @@ def _ties_prepare(source: ChunkSource, ctx: ChunkContext, k: float, **_: Any) ->
     return _TiesStats(thresholds, deltas)
 
 
+def _kept_deltas(stats: _TiesStats | _FilteredGM | None, ctx: ChunkContext) -> list[Tensor] | None:
+    """The deltas prepare kept for a tensor that is one chunk, handed over once (apply changes them in place)."""
+    if stats is None or stats.deltas is None or not (ctx.start == 0 and ctx.stop == ctx.numel):
+        return None
+    deltas, stats.deltas = stats.deltas, None
+    return deltas
+
+
 def _ties_apply(x: list[Tensor], ctx: ChunkContext, stats: _TiesStats | None, k: float, lam: float) -> Tensor:
-    if stats is not None and stats.deltas is not None and ctx.start == 0 and ctx.stop == ctx.numel:
-        deltas, stats.deltas = stats.deltas, None  # used once: apply modifies them in place
-    else:
+    deltas = _kept_deltas(stats, ctx)
+    if deltas is None:
         deltas = _deltas(x, ctx)
     if stats is not None:
         keep = _scratch(ctx, "agree", deltas[0])  # free until _signed_filter takes it
@@ -888,10 +895,8 @@ def _filtered_gm_prepare(source: ChunkSource, ctx: ChunkContext, make: Callable[
 def _filtered(stats: _FilteredGM, x: list[Tensor], ctx: ChunkContext,
               make: Callable[[list[Tensor], ChunkContext], list[Tensor]]) -> list[Tensor]:
     """The filtered deltas of this chunk: those prepare kept (used once), else made again."""
-    if stats.deltas is not None and ctx.start == 0 and ctx.stop == ctx.numel:
-        deltas, stats.deltas = stats.deltas, None
-        return deltas
-    return make(x, ctx)
+    kept = _kept_deltas(stats, ctx)
+    return kept if kept is not None else make(x, ctx)
 
 
 def _tgmd_deltas(x: list[Tensor], ctx: ChunkContext) -> list[Tensor]:

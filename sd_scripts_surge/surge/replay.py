@@ -168,8 +168,9 @@ def _check_full_size(flavors: Sequence[Flavor]) -> None:
                          f"{flavors[0].pool_to}; capture the replay flavors without pooling")
 
 
-def _check_shapes(spec: UnitSpec, y: torch.Tensor, teacher: Flavor) -> None:
-    expected = teacher.units[spec.name].output.shape
+def _check_shapes(spec: UnitSpec, y: torch.Tensor, teacher: Flavor, rows: slice = slice(None)) -> None:
+    """`y` has the shape of the teacher's cached output of `spec` (of its samples `rows`)."""
+    expected = teacher.units[spec.name].output[rows].shape
     if y.shape != expected:
         raise ValueError(f"unit {spec.name}: re-run output {tuple(y.shape)} != cached {tuple(expected)}; replay needs "
                          "flavors captured at full size (flavor_resolution unset)")
@@ -352,8 +353,7 @@ def replay_all_units(unet: nn.Module, unit_map: UnitMap, units: Sequence[str], f
                 x = inputs[k][spec.name]
                 side = {name: _take(v, rows) for name, v in _side(spec, fl, {}, x).items()}
                 y = run_unit(unet, spec, x[rows], shared, side)
-                if rows == slice(None):
-                    _check_shapes(spec, y, fl)
+                _check_shapes(spec, y, fl, rows)
                 loss = loss + F.mse_loss(y.float(), targets[k][spec.name][rows]) / norms[k][spec.name]
             _step(optimizer, loss, tensors)
     results = {s.name: ReplayResult(s.name, "train_all", True, before[s.name], before[s.name], replay_steps)
