@@ -112,6 +112,12 @@ ABLATIONS: dict[str, list[str]] = {
     "surge_tuned_rlr1e-3_rb4": _with(METHODS["surge_tuned"], surge_replay_lr="1e-3", surge_replay_batch="4"),
     "surge_tuned_rlr1e-3_rb4_40": _with(METHODS["surge_tuned"], surge_replay_lr="1e-3", surge_replay_batch="4",
                                         surge_replay_steps="40"),
+    # unit LERP toward a same-architecture teacher checkpoint (task q only: a hooked LoRA teacher has no separate
+    # weights to LERP toward), after the half-batch replay, each unit kept only if its downstream error drops
+    "surge_tuned_rlr1e-3_rb4_lerp0.5": _with(METHODS["surge_tuned"], surge_replay_lr="1e-3", surge_replay_batch="4",
+                                             surge_lerp_alpha="0.5"),
+    "surge_tuned_rlr1e-3_rb4_lerp1": _with(METHODS["surge_tuned"], surge_replay_lr="1e-3", surge_replay_batch="4",
+                                           surge_lerp_alpha="1"),
     "surge_tuned_replay50": _with(METHODS["surge_tuned"], surge_replay_steps="50"),
     "surge_tuned_replay100": _with(METHODS["surge_tuned"], surge_replay_steps="100"),
     "surge_tuned_replay50_rlr1e-3": _with(METHODS["surge_tuned"], surge_replay_steps="50", surge_replay_lr="1e-3"),

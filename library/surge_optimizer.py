@@ -48,6 +48,12 @@ are updated through an fp32/fp64 copy and written back with stochastic rounding 
 skips that tensor for this step (weights and state untouched) and counts it in
 ``group["skipped_tensors"]`` (sum: `optimizer.skipped_steps`). All of this lives in param groups and state,
 so ``state_dict()``/``load_state_dict()`` continue a run bit-identically (fp32/fp64 parameters).
+
+8-bit first moment (`moment_8bit=True`, needs `beta1` and the optional package bitsandbytes): the first moment m
+of every tensor with ≥ 4096 elements is stored as bitsandbytes' blockwise 8-bit code (its signed dynamic map,
+blocks of 256, one fp32 absmax per block: 1.016 bytes per element instead of 4 or 8), as its 8-bit optimizers do.
+Each step dequantizes m, updates it in the state dtype, uses that full-precision m for this step's update and
+stores it quantized again; smaller tensors keep a full-precision m. Resuming from a state dict stays bit-identical.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ import torch
 
 DEFAULT_SMOOTH_RATE = 0.5641895835  # 1/√π
 DEFAULT_SHOCK_RATE = 5
+MIN_8BIT_SIZE = 4096  # tensors below this keep a full-precision first moment (as bitsandbytes' 8-bit optimizers)
+QUANT_BLOCKSIZE = 256
 
 _STATE_DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32, "32": torch.float32,
@@ -131,6 +139,16 @@ def copy_stochastic_fp16(target: torch.Tensor, source: torch.Tensor) -> None:
     target.copy_(torch.where(torch.rand_like(src) < p_other, other, nearest))
 
 
+def _quantizer() -> Any:
+    """bitsandbytes.functional (blockwise 8-bit quantization), imported only when moment_8bit asks for it."""
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError as e:
+        raise ImportError("AdaSurge: moment_8bit=True needs bitsandbytes: `pip install bitsandbytes==0.50.2` "
+                          "(or leave moment_8bit off)") from e
+    return bnb_functional
+
+
 def _rms(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.norm(2) / (tensor.numel() ** 0.5)
 
@@ -174,6 +192,8 @@ class AdaSurge(torch.optim.Optimizer):
             (_foreach) kernels — the same operations in the same order, far fewer kernel launches for the many
             small tensors of a LoRA or a small UNet (bitwise the per-tensor result on the CPU; CUDA's fused
             kernels may round differently). False: one by one.
+        moment_8bit: keep the first moment (beta1) of every tensor with ≥ MIN_8BIT_SIZE elements in bitsandbytes'
+            blockwise 8-bit code (about a quarter of the fp32 bytes); needs beta1 and bitsandbytes.
     """
 
     def __init__(
@@ -195,6 +215,7 @@ class AdaSurge(torch.optim.Optimizer):
         state_dtype: str | int = "fp32",
         stochastic_rounding: bool = True,
         foreach: bool = True,
+        moment_8bit: bool = False,
     ) -> None:
         if warmup_init and not relative_step:
             raise ValueError("AdaSurge: warmup_init=True requires relative_step=True")
@@ -209,6 +230,12 @@ class AdaSurge(torch.optim.Optimizer):
             raise ValueError(f"AdaSurge: eps must be a pair like (1e-30, 1e-3) (got {eps!r})")
         if beta1 is not None and not 0 <= float(beta1) < 1:
             raise ValueError(f"AdaSurge: beta1 must be None or in [0, 1) (got {beta1!r})")
+        if moment_8bit and beta1 is None:
+            raise ValueError("AdaSurge: moment_8bit=True quantizes the first moment: give beta1 too (e.g. beta1=0.9)")
+        self.moment_8bit = bool(moment_8bit)
+        self._codes: dict[torch.device, torch.Tensor] = {}
+        if self.moment_8bit:
+            _quantizer()  # fail now, with the install hint, not at the first step
         self.state_dtype = parse_state_dtype(state_dtype)
         self.stochastic_rounding = bool(stochastic_rounding)
         self.foreach = bool(foreach)
@@ -248,13 +275,40 @@ class AdaSurge(torch.optim.Optimizer):
     def _init_state(self, state: dict, grad_shape: torch.Size, device: torch.device, group: dict,
                     dt: torch.dtype) -> None:
         state["step"] = 0
-        if group["beta1"] is not None:
+        if group["beta1"] is not None and self.moment_8bit and math.prod(grad_shape) >= MIN_8BIT_SIZE:
+            # code 0 with absmax 0 dequantizes to 0: the same zero start as the full-precision moment
+            state["exp_avg_8bit"] = torch.zeros(grad_shape, dtype=torch.uint8, device=device)
+            blocks = -(-math.prod(grad_shape) // QUANT_BLOCKSIZE)
+            state["exp_avg_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=device)
+        elif group["beta1"] is not None:
             state["exp_avg"] = torch.zeros(grad_shape, dtype=dt, device=device)
         if len(grad_shape) >= 2:
             state["exp_avg_sq_row"] = torch.zeros(grad_shape[:-1], dtype=dt, device=device)
             state["exp_avg_sq_col"] = torch.zeros(grad_shape[:-2] + grad_shape[-1:], dtype=dt, device=device)
         else:
             state["exp_avg_sq"] = torch.zeros(grad_shape, dtype=dt, device=device)
+
+    def _code(self, device: torch.device) -> torch.Tensor:
+        if device not in self._codes:
+            self._codes[device] = _quantizer().create_dynamic_map(signed=True).to(device)
+        return self._codes[device]
+
+    def _moment(self, state: dict, dt: torch.dtype) -> torch.Tensor:
+        """The first moment in the math dtype: the stored tensor itself, or a dequantized copy of the 8-bit one."""
+        if "exp_avg" in state:
+            return state["exp_avg"]
+        codes = state["exp_avg_8bit"]
+        m = _quantizer().dequantize_blockwise(codes, absmax=state["exp_avg_absmax"], code=self._code(codes.device),
+                                              blocksize=QUANT_BLOCKSIZE)
+        return m.to(dt)
+
+    def _store_moment(self, state: dict, m: torch.Tensor) -> None:
+        """Write an updated first moment back: a no-op for a full-precision one (updated in place)."""
+        if "exp_avg" in state:
+            return
+        codes = state["exp_avg_8bit"]
+        _quantizer().quantize_blockwise(m if m.dtype == torch.float32 else m.float(), code=self._code(codes.device),
+                                        absmax=state["exp_avg_absmax"], out=codes, blocksize=QUANT_BLOCKSIZE)
 
     def _update_tensor(self, p: torch.Tensor, group: dict, scale: float, measure: bool
                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -297,9 +351,10 @@ class AdaSurge(torch.optim.Optimizer):
         applied = step_factor * scale if scale != 1.0 else step_factor
 
         if group["beta1"] is not None:
-            m = state["exp_avg"]
+            m = self._moment(state, dt)
             upd.mul_(applied)
             m.mul_(group["beta1"]).add_(upd, alpha=1.0 - group["beta1"])
+            self._store_moment(state, m)
             upd, applied = m, None
         if group["weight_decay"] != 0:
             decay = -group["weight_decay"] * alpha * scale
@@ -392,10 +447,12 @@ class AdaSurge(torch.optim.Optimizer):
         applied = torch._foreach_mul(step_factor, scale) if scale != 1.0 else step_factor
 
         if group["beta1"] is not None:
-            moments = [st["exp_avg"] for st in states]
+            moments = [self._moment(st, p.dtype) for st, p in zip(states, params)]
             torch._foreach_mul_(upd, applied)
             torch._foreach_mul_(moments, group["beta1"])
             torch._foreach_add_(moments, upd, alpha=1.0 - group["beta1"])
+            for st, m in zip(states, moments):
+                self._store_moment(st, m)
             upd, applied = moments, None
         if group["weight_decay"] != 0:
             if alpha is not None:
@@ -524,5 +581,9 @@ class AdaSurge(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(saved_ids, params):
             for key, value in saved.get(i, {}).items():
-                if torch.is_tensor(value) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=self._dtype_for(p), copy=True)
+                if not torch.is_tensor(value) or key == "step":
+                    continue
+                # torch casts every tensor to the parameter's dtype; the 8-bit codes and their fp32 absmax keep theirs
+                keep = key in ("exp_avg_8bit", "exp_avg_absmax") or not value.is_floating_point()
+                self.state[p][key] = value.to(device=p.device, dtype=value.dtype if keep else self._dtype_for(p),
+                                              copy=True)

@@ -46,6 +46,23 @@ def test_full_sdxl_parameter_count_and_optimizer_state(sdxl_folder):
     assert optimizer_state_bytes("AdamW8bit", shapes, []) == 29 * 2
 
 
+def test_moment_8bit_state_estimate_equals_the_optimizers_state():
+    """ADA_SURGE with moment_8bit: the estimate is the bytes the optimizer really holds after a step."""
+    pytest.importorskip("bitsandbytes.functional", reason="moment_8bit needs bitsandbytes")
+    from library.surge_optimizer import AdaSurge
+
+    params = [torch.nn.Parameter(torch.zeros(100, 50)), torch.nn.Parameter(torch.zeros(5))]
+    args = ["beta1=0.9", "moment_8bit=True"]
+    opt = AdaSurge(params, lr=1e-3, beta1=0.9, moment_8bit=True, standalone=False)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    held = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    meta = [torch.empty(p.shape, device="meta") for p in params]
+    assert optimizer_state_bytes("ADA_SURGE", meta, args) == held == (100 + 50 + 5) * 4 + 5000 + 20 * 4 + 5 * 4
+    assert optimizer_state_bytes("ADA_SURGE", meta, args) < optimizer_state_bytes("ADA_SURGE", meta, args[:1])
+
+
 def test_teacher_storage_dtype(sdxl_folder):
     n = 2_567_463_684
     assert parts(plan_for(sdxl_folder, "--surge_teacher_dtype", "bf16"))["teacher UNet"] == n * 2

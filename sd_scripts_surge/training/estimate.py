@@ -9,7 +9,7 @@ activations are measured by a meta forward + backward graph at the configured ba
 - gradients: one per trained parameter, in its dtype; with the fused backward pass only the largest one;
 - optimizer state, by optimizer: AdamW 2 × fp32 per parameter, 8-bit Adam/Lion 2 / 1 bytes, Lion/SGD momentum
   1 × fp32, Adafactor/ADA_SURGE the factored second moment (rows + columns of every ≥ 2-D tensor, full for 1-D)
-  in the state dtype (+ a full first moment with beta1);
+  in the state dtype (+ a full first moment with beta1, or ≈ 1 byte per element with moment_8bit=True);
 - teacher: a second UNet when live (per teacher), in its storage dtype (`surge_teacher_dtype`: fp32, fp16/bf16,
   fp8 weights), none on the device with `surge_teacher cached` (offloaded to CPU);
 - text encoders and VAE (fp32, frozen);
@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from library.surge_optimizer import MIN_8BIT_SIZE, QUANT_BLOCKSIZE
 from sd_scripts_surge.config import TrainConfig
 from sd_scripts_surge.models import configs as model_configs
 
@@ -134,7 +135,14 @@ def optimizer_state_bytes(optimizer_type: str, params: Sequence[torch.Tensor], o
         factored = sum((math.prod(p.shape[:-1]) + math.prod(p.shape[:-2]) * p.shape[-1]) if p.dim() >= 2
                        else p.numel() for p in params)
         beta1 = args.get("beta1", "None").strip() not in ("None", "0", "0.0")
-        return factored * state + (n * state if beta1 else 0)
+        if not beta1:
+            return factored * state
+        if name == "adasurge" and args.get("moment_8bit", "False").strip() in ("True", "1"):
+            # 1 byte per element and an fp32 absmax per block of 256 from MIN_8BIT_SIZE elements up
+            big = sum(p.numel() for p in params if p.numel() >= MIN_8BIT_SIZE)
+            blocks = sum(-(-p.numel() // QUANT_BLOCKSIZE) for p in params if p.numel() >= MIN_8BIT_SIZE)
+            return factored * state + big + 4 * blocks + (n - big) * state
+        return factored * state + n * state
     if "8bit" in name:
         return n * (1 if "lion" in name else 2)
     if name.startswith("lion") or name == "sgd":
