@@ -17,7 +17,8 @@ from tests.train_helpers import one_repeat_dataset, unet_tensors, write_config
 
 
 @pytest.mark.slow
-def test_surge_full_fine_tune_writes_checkpoint_report_and_history(tiny_kit, tmp_path: Path) -> None:  # noqa: F811
+def test_surge_full_fine_tune_writes_checkpoint_report_and_history(tiny_kit, tmp_path: Path,  # noqa: F811
+                                                                   capsys) -> None:
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "cfg.toml", tiny_kit, out, steps=3)
     final = train(parse_train_args(["--config_file", str(cfg)]))
@@ -48,6 +49,11 @@ def test_surge_full_fine_tune_writes_checkpoint_report_and_history(tiny_kit, tmp
     predicted = estimate(run_cfg, tiny_kit.base_dir, resolution=(height, width)).total("disk")
     written = sum(f.stat().st_size for f in (out / "flavor_cache").rglob("*.safetensors"))
     assert abs(written - predicted) < 0.1 * written, (written, predicted)
+
+    # the run ends with its memory per phase beside the estimate
+    out_text = capsys.readouterr().out
+    for phase in ("load student", "teacher, flavor capture", "first optimizer step", "save", "measured peak"):
+        assert phase in out_text, phase
 
 
 @pytest.mark.slow

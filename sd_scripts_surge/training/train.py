@@ -39,6 +39,7 @@ from sd_scripts_surge.training import (
     trainables,
 )
 from sd_scripts_surge.training.estimate import MemoryPlan, estimate
+from sd_scripts_surge.training.memory_trace import MemoryTrace
 from sd_scripts_surge.training.report import EpochRecord, write_report
 from sd_scripts_surge.training.state import PROGRESS_MARKER, TrainProgress, find_resume_dir
 
@@ -66,6 +67,7 @@ def train(cfg: TrainConfig) -> Path:
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=tracker_logging_dir(cfg)),
     )
     log = accelerator.print
+    trace = MemoryTrace(accelerator.device)
     check_backend(cfg, accelerator.distributed_type, accelerator.state)
     if cfg.log_with:  # tensorboard event files / a wandb run, as sd-scripts' --log_with gives
         accelerator.init_trackers("surge_train", config=tracker_config(cfg))
@@ -79,12 +81,15 @@ def train(cfg: TrainConfig) -> Path:
     # ----- set up
     with accelerator.main_process_first():  # the tiny kit and latent caches are built once
         sources = inputs.resolve_sources(cfg, log)
-        memory_plan(cfg, sources, log)
+        plan = memory_plan(cfg, sources, log)
         if cfg.estimate:
             accelerator.end_training()
             return Path(sources.student)
+        trace.mark("start, estimate")
         student = inputs.load_student(cfg, sources)
+        trace.mark("load student")
         data = inputs.build_data(cfg, sources, student, accelerator, log)
+        trace.mark("dataset, latent/text caches")
     trainable = trainables.make_trainable(cfg, student, log)
     unit_map = build_unit_map(student.unet, cfg.surge.unit_map)
     groups = trainables.param_groups(cfg, trainable, unit_map)
@@ -96,12 +101,14 @@ def train(cfg: TrainConfig) -> Path:
     alphas_cumprod = surge_setup.noise_schedule(student)
     log(f"training {trainable.description}: {sum(p.numel() for g in groups for p in g['params']):,} parameters "
         f"in {len(groups)} groups; {steps_per_epoch} steps/epoch, {total_steps} optimizer steps")
+    trace.mark("trainable, optimizer")
 
     surge = None
     if cfg.surge.enabled:
         with accelerator.main_process_first():
             surge = surge_setup.build_surge(cfg.surge, sources, student, unit_map, data, alphas_cumprod, accelerator,
                                             log, output_dir=cfg.output_dir, learning_rate=cfg.learning_rate)
+        trace.mark("teacher, flavor capture")
     loss_fn = surge_setup.build_loss(cfg.surge, unit_map, alphas_cumprod, surge, v_prediction=cfg.v_parameterization,
                                      min_snr_gamma=cfg.min_snr_gamma)
     trainables.apply_full_bf16(cfg, trainable, log)
@@ -121,8 +128,10 @@ def train(cfg: TrainConfig) -> Path:
         state_dir = find_resume_dir(cfg.resume)
         log(f"resuming from {state_dir}")
         accelerator.load_state(str(state_dir))
+    trace.mark("prepare")
     samples_before = samples.sample_images(cfg, sources, student, student_module, data, "student_before",
                                          accelerator) if progress.global_step == 0 else None
+    trace.mark("samples before")
 
     clock = {"start": time.perf_counter(), "excluded": 0.0}  # wall time of training, evaluation excluded
     targets = None  # DESIGN §3 G: the teacher answered ahead of time (built inside the clock: it is training time)
@@ -132,6 +141,7 @@ def train(cfg: TrainConfig) -> Path:
         if accelerator.device.type != "cpu":  # not needed on the device until the final teacher samples
             surge.teacher.to("cpu")
             log("teacher moved to CPU memory while training from cached targets")
+        trace.mark("teacher target cache")
     if surge is not None and cfg.surge.eval_every_n_steps and progress.global_step == 0:
         evaluate(surge, student_module, progress, accelerator, clock)
 
@@ -151,8 +161,10 @@ def train(cfg: TrainConfig) -> Path:
         while progress.global_step < total_steps and not stop["requested"]:
             epoch = progress.epoch
             if surge is not None and progress.surge_updated_epoch < epoch:
+                trace.mark("training steps" if progress.global_step else "evaluation")
                 surge_update(cfg, surge, student_module, unit_map, controller, trainable, progress, accelerator, log,
                              replay=not cfg.surge.replay_epochs or epoch < cfg.surge.replay_epochs)
+                trace.mark("surge epoch update (capture, replay)")
 
             # ----- the batches of this epoch
             data.sampler.set_epoch(epoch)
@@ -192,6 +204,8 @@ def train(cfg: TrainConfig) -> Path:
                     controller.step()
                     progress.global_step += 1
                     progress.history.log_step(progress.global_step, terms)
+                    if not trace.has("first optimizer step"):
+                        trace.mark("first optimizer step")
                     bar.update(1)
                     bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
                     accelerator.log({f"loss/{k}": v for k, v in terms.items()} | optimization.lr_logs(optimizer),
@@ -232,17 +246,22 @@ def train(cfg: TrainConfig) -> Path:
         accelerator.end_training()
         sys.exit(130)
 
+    trace.mark("training steps")
     write_rank_record(output_dir, controller, trainable, progress, accelerator)
     final = checkpoints.save_model(cfg, trainable, student, cfg.output_name, accelerator, progress,
                                    data.resolution)
     if cfg.save_state:
         save_state(accelerator, progress, output_dir / f"{cfg.output_name}-state")
+    trace.mark("save")
     if targets is not None and accelerator.device.type != "cpu":
         surge.teacher.to(accelerator.device)
     if accelerator.is_main_process:
         samples_after = samples.sample_images(cfg, sources, student, student_module, data, "student_after", accelerator)
         sheet = samples.final_samples(cfg, sources, surge, student, data, samples_before, samples_after, output_dir)
         page = write_report(progress.history, output_dir / "report", samples=sheet, title=f"{cfg.output_name}")
+        trace.mark("samples after, report")
+        log(trace.table(None if plan is None else plan.total() + (plan.total("ram") if accelerator.device.type
+                                                                   == "cpu" else 0)))
         log(f"model: {final}\nreport: {page}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
