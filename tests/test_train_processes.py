@@ -43,6 +43,7 @@ def test_two_cpu_processes_agree_on_multipliers_and_weights(tiny_kit, tmp_path):
     assert records[0]["targets"] == records[1]["targets"]
     assert records[0]["weights_sha256"] == records[1]["weights_sha256"]
     assert records[0]["global_step"] == records[1]["global_step"] == 2
+    assert records[0]["local_parameters"] == records[0]["parameters"]  # DDP: every rank holds the whole student
     assert (out / "dev.safetensors").is_file()
 
 
@@ -58,18 +59,22 @@ def test_sharded_backends_agree_across_ranks(tiny_kit, tmp_path, config_name):  
     if config_name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("DeepSpeed is not installed (pip install deepspeed; its ZeRO configs here target GPUs)")
     if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs: accelerate 1.15's FSDP plugin refuses a machine without an accelerator "
-                    "('no available devices found'), so the config cannot run on CPU ranks")
+        pytest.skip("needs 2 GPUs: on CPU ranks accelerate 1.15 refuses FSDP ('no available devices found') or runs it "
+                    "as DDP (MULTI_CPU), so the config cannot shard on CPU ranks")
     out = tmp_path / "out"
     config = write_config(tmp_path / "cfg.toml", tiny_kit, out, steps=2)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "examples" / "accelerate" / config_name), str(REPO / "train_surge_sdxl.py"),
-               "--config_file", str(config), "--surge_replay_units", "0", "--optimizer_type", "AdamW"]
+               "--config_file", str(config), "--surge_replay_units", "0", "--optimizer_type", "AdamW",
+               "--optimizer_args"]  # the config's args are ADA_SURGE's: none for AdamW
     result = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert records[0]["multipliers"] == records[1]["multipliers"]
     assert records[0]["global_step"] == records[1]["global_step"] == 2
+    assert records[0]["weights_sha256"] == records[1]["weights_sha256"]  # the gathered weights agree
+    if config_name != "deepspeed_zero2.yaml":  # FSDP and ZeRO-3 shard the weights: each rank holds about half
+        assert all(r["local_parameters"] < 0.6 * r["parameters"] for r in records), records
     assert (out / "dev.safetensors").is_file()
 
 

@@ -433,11 +433,16 @@ def write_rank_record(output_dir: Path, controller, trainable, progress: TrainPr
     import json
 
     digest = hashlib.sha256()
+    local = 0
     for p in trainable.parameters():
-        digest.update(p.detach().float().cpu().numpy().tobytes())
+        # FSDP2 holds each parameter as a DTensor shard: hash the gathered whole (every rank joins each gather)
+        whole = p.full_tensor() if hasattr(p, "full_tensor") else p
+        local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+        digest.update(whole.detach().float().cpu().numpy().tobytes())
     record = {"rank": accelerator.process_index, "world_size": accelerator.num_processes,
               "global_step": progress.global_step, "multipliers": controller.multipliers(),
-              "targets": controller.targets, "weights_sha256": digest.hexdigest()}
+              "targets": controller.targets, "weights_sha256": digest.hexdigest(),
+              "local_parameters": local, "parameters": sum(p.numel() for p in trainable.parameters())}
     folder = output_dir / "ranks"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rank{accelerator.process_index}.json").write_text(json.dumps(record, indent=1, sort_keys=True))
