@@ -184,3 +184,43 @@ def test_interrupted_disk_capture_resumes_where_it_stopped(setup, tmp_path):
     resumed = TargetCache(draws=2, seed=1, directory=tmp_path, key={})
     resumed.build(batches(), 6, answer, alphas, log=lambda s: None)
     assert calls["n"] == 2 and resumed.reused_shards == 4 and len(resumed) == 12
+
+
+def test_first_use_fill_computes_each_build_batch_once_with_the_upfront_values(setup):
+    """`defer`: nothing up front; a step's entries fill their whole build batch (same batch, same noise as `build`,
+    so bitwise the same targets); a batch is computed once per draw; `on_complete` runs once, when all are in."""
+    teacher, unit_map, latents, context, added = setup
+    alphas, answer, batches, calls = _disk_setup(setup)
+    quiet = lambda s: None  # noqa: E731
+    upfront = TargetCache(draws=2, seed=5)
+    upfront.build(batches(), 6, answer, alphas, log=quiet)
+
+    chunks = [[0, 1], [2, 3], [4, 5]]
+
+    def load(entries):
+        return list(entries), latents[entries], {"encoder_hidden_states": context[entries],
+                                                 "added_cond_kwargs": {k: v[entries] for k, v in added.items()}}
+
+    completed: list[int] = []
+    lazy = TargetCache(draws=2, seed=5)
+    calls["n"] = 0
+    lazy.defer(chunks, load, answer, alphas, log=quiet, on_complete=lambda: completed.append(len(lazy)))
+    assert len(lazy) == 0 and calls["n"] == 0
+    got = lazy.targets([3, 0], 0, "cpu")  # a training batch that spans two build batches: both are computed
+    assert calls["n"] == 2 and len(lazy) == 4
+    want = upfront.targets([3, 0], 0, "cpu")
+    assert torch.equal(got.prediction, want.prediction)
+    for unit, (h_in, h_out) in want.pairs.items():
+        assert torch.equal(h_out, got.pairs[unit][1])
+        assert (h_in is None and got.pairs[unit][0] is None) or torch.equal(h_in, got.pairs[unit][0])
+    lazy.targets([1, 2], 0, "cpu")
+    assert calls["n"] == 2  # already in
+    for draw in (0, 1):
+        for chunk in chunks:
+            lazy.targets(chunk, draw, "cpu")
+    assert calls["n"] == 6 and completed == [12]
+    for draw in (0, 1):
+        a, b = lazy.targets([5, 4], draw, "cpu"), upfront.targets([5, 4], draw, "cpu")
+        assert torch.equal(a.prediction, b.prediction)
+    with pytest.raises(ValueError, match="in memory"):
+        TargetCache(draws=1, seed=5, directory="somewhere").defer(chunks, load, answer, alphas, log=quiet)

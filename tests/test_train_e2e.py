@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_scripts_surge.config import parse_train_args
+from sd_scripts_surge.config import ConfigError, parse_train_args
 from sd_scripts_surge.models.io import load_model
 from sd_scripts_surge.training import optimization, surge_setup
 from sd_scripts_surge.training.train import train
@@ -252,6 +252,25 @@ def test_disk_target_cache_trains_the_same_weights_and_is_reused(tiny_kit, tmp_p
     weights = {k: unet_tensors(finals[k]) for k in ("memory", "disk", "again")}
     for key, value in weights["memory"].items():
         assert torch.equal(value, weights["disk"][key]) and torch.equal(value, weights["again"][key]), key
+
+
+@pytest.mark.slow
+def test_first_use_target_fill_trains_the_same_weights_as_upfront(tiny_kit, tmp_path: Path, capsys) -> None:  # noqa: F811
+    """--surge_target_fill first_use: nothing is computed before the first step, each step's draw is filled from
+    the build's own batches, and the run trains bitwise the weights of the up-front cache."""
+    finals, logs = {}, {}
+    for fill in ("upfront", "first_use"):
+        cfg = write_config(tmp_path / f"{fill}.toml", tiny_kit, tmp_path / fill, steps=3)
+        finals[fill] = train(parse_train_args(["--config_file", str(cfg), "--surge_teacher", "cached",
+                                               "--surge_target_draws", "2", "--surge_target_fill", fill]))
+        logs[fill] = capsys.readouterr().out
+    assert "each computed the first time a step trains it" in logs["first_use"]
+    assert "cached in memory" in logs["upfront"] and "cached in memory" not in logs["first_use"]
+    weights = {k: unet_tensors(v) for k, v in finals.items()}
+    for key, value in weights["upfront"].items():
+        assert torch.equal(value, weights["first_use"][key]), key
+    with pytest.raises(ConfigError, match="surge_target_fill"):
+        parse_train_args(["--config_file", str(tmp_path / "upfront.toml"), "--surge_target_fill", "first_use"])
 
 
 @pytest.mark.slow

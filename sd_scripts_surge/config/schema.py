@@ -354,6 +354,11 @@ class SurgeConfig:
                              "to bf16 only while it runs)", choices=("float", "fp16", "bf16", "fp8"))
     target_draws: int = opt(1, "cached teacher: (timestep, noise) draws per image; epoch e trains on draw e mod K",
                             ge=1)
+    target_fill: str = opt("upfront", "cached teacher: upfront (every draw computed before the first step; the "
+                           "teacher leaves the device while training) or first_use (a draw is computed the first "
+                           "time a step trains it, in the same batches as upfront, so the same values; nothing "
+                           "waits up front, the teacher stays on the device until the last draw is in; in memory "
+                           "only)", choices=("upfront", "first_use"))
     target_cache_dir: str | None = opt(None, "cached teacher: keep the targets on disk in this folder as "
                                        "checksummed safetensors shards, read back memory-mapped; an interrupted "
                                        "capture resumes, and later runs reuse them while teacher, data and seed "

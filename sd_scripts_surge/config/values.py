@@ -182,6 +182,9 @@ def validate(c: TrainConfig, where: str) -> None:
     s = c.surge
     need(not s.lerp_alpha or not c.network_module, "surge_lerp_alpha",
          "moves the student's own weights toward the teacher's: a full fine-tune, not a LoRA")
+    need(s.target_fill == "upfront" or (s.teacher == "cached" and not s.target_cache_dir), "surge_target_fill",
+         "first_use fills the in-memory target cache of surge_teacher = \"cached\": set that, and no "
+         "surge_target_cache_dir")
     try:
         parse_size(s.cache_budget)
     except ValueError as e:

@@ -10,6 +10,10 @@ The cache needs each entry's inputs to be the same every epoch: captions that ne
 and no flip_aug; `check_cacheable` says which subset breaks that. The size and time are estimated from the first
 batch and printed before the rest runs; `max_bytes` (`--surge_cache_budget`) refuses a cache that would not fit.
 
+With `defer` instead of `build` (`--surge_target_fill first_use`, in memory) nothing is computed up front: the
+first `targets()` call that needs an entry's draw computes the whole build batch holding that entry, exactly as
+`build` would have (same batch, same noise), so the values, and a resumed run's, are the same as up front.
+
 It lives in memory, or with `directory` (`--surge_target_cache_dir`) on disk as one safetensors shard per
 (draw, build batch), read back tensor by tensor (memory-mapped) while training:
 - `manifest.json` records the cache key (teacher fingerprint, seed, noise offset, noise schedule, dtype) and per
@@ -27,7 +31,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +79,23 @@ class TeacherTargets:
         tensors = [self.prediction] + ([t for pair in self.pairs.values() for t in pair if t is not None]
                                        if self.pairs else [])
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class _Deferred:
+    """What `TargetCache.defer` needs to fill a draw later."""
+
+    batches: list[list[int]]
+    batch_of: dict[int, int]  # entry → index of its build batch
+    load: Callable[[Sequence[int]], tuple[Sequence[int], torch.Tensor, dict]]
+    teacher: Callable[[dict], TeacherTargets]
+    alphas_cumprod: torch.Tensor
+    max_bytes: int
+    log: Callable[[str], None]
+    on_complete: Callable[[], None] | None
+    total: int
+    estimated: bool = False
+    done: set[tuple[int, int]] = field(default_factory=set)  # (build batch, draw) computed
 
 
 def draw_seed(seed: int, entry: int, draw: int) -> int:
@@ -155,6 +176,7 @@ class TargetCache:
         self._keys: dict[str, dict[str, list[str]]] = {}  # shard name → entry → its tensor names
         self.capture_seconds = 0.0
         self.reused_shards = self.built_shards = 0
+        self._deferred: _Deferred | None = None
 
     def __len__(self) -> int:
         return len(self.shard_of) if self.directory is not None else len(self.items)
@@ -171,6 +193,9 @@ class TargetCache:
     def targets(self, entries: Sequence[int], draw: int, device: torch.device | str) -> TeacherTargets:
         known = self.shard_of if self.directory is not None else self.items
         missing = [e for e in entries if (e, draw) not in known]
+        if missing and self._deferred is not None:
+            self._fill(missing, draw)
+            missing = [e for e in entries if (e, draw) not in known]
         if missing:
             raise KeyError(f"no cached teacher targets for entries {missing[:5]} (draw {draw}); the cache was built "
                            "for another dataset or seed")
@@ -264,11 +289,7 @@ class TargetCache:
                             self.reused_shards += 1
                             bar.update(len(entries))
                             continue
-                    noise, t = self.noise(entries, draw, latents.shape[1:])
-                    noise, t = noise.to(latents.device, latents.dtype), t.to(latents.device)
-                    noised = {**kwargs, "sample": add_noise(latents, noise, t, alphas_cumprod), "timestep": t}
-                    with torch.no_grad():
-                        answer = teacher(noised)
+                    answer = self._answer(entries, latents, kwargs, draw, teacher, alphas_cumprod)
                     if self.directory is None:
                         for i, entry in enumerate(entries):
                             self.items[(entry, draw)] = answer.item(i)
@@ -299,6 +320,51 @@ class TargetCache:
             f"in {self.directory} ({self.built_shards} shards computed, {self.reused_shards} reused)")
         log(f"teacher targets: {len(self)} cached {where}, {self.nbytes() / 2**20:.1f} MiB, in "
             f"{self.capture_seconds:.1f} s")
+
+    def _answer(self, entries: Sequence[int], latents: torch.Tensor, kwargs: dict, draw: int,
+                teacher: Callable[[dict], TeacherTargets], alphas_cumprod: torch.Tensor) -> TeacherTargets:
+        """The teacher's answer for these entries' draw: their pre-drawn (t, ε) applied to the clean latents."""
+        noise, t = self.noise(entries, draw, latents.shape[1:])
+        noise, t = noise.to(latents.device, latents.dtype), t.to(latents.device)
+        noised = {**kwargs, "sample": add_noise(latents, noise, t, alphas_cumprod), "timestep": t}
+        with torch.no_grad():
+            return teacher(noised)
+
+    def defer(self, batches: Sequence[Sequence[int]],
+              load: Callable[[Sequence[int]], tuple[Sequence[int], torch.Tensor, dict]],
+              teacher: Callable[[dict], TeacherTargets], alphas_cumprod: torch.Tensor, max_bytes: int = 0,
+              log: Callable[[str], None] = print, on_complete: Callable[[], None] | None = None) -> None:
+        """Compute nothing now: `targets()` fills each missing draw, a whole build batch at a time (`batches`: the
+        batches `build` would run; `load(entries)` → (the entries kept, latents, unet kwargs)). `on_complete` runs
+        once, when the last entry × draw is in (e.g. to move the teacher off the device)."""
+        if self.directory is not None:
+            raise ValueError("teacher targets filled on first use live in memory: no target cache directory")
+        of = {int(e): i for i, b in enumerate(batches) for e in b}
+        self._deferred = _Deferred([list(b) for b in batches], of, load, teacher, alphas_cumprod, max_bytes, log,
+                                   on_complete, total=len(of) * self.draws)
+        log(f"teacher targets: {len(of)} entries × {self.draws} draws, each computed the first time a step trains it")
+
+    def _fill(self, missing: Sequence[int], draw: int) -> None:
+        d = self._deferred
+        assert d is not None
+        started = time.perf_counter()
+        for index in dict.fromkeys(d.batch_of[int(e)] for e in missing):
+            entries, latents, kwargs = d.load(d.batches[index])
+            answer = self._answer(entries, latents, kwargs, draw, d.teacher, d.alphas_cumprod)
+            for i, entry in enumerate(entries):
+                self.items[(entry, draw)] = answer.item(i)
+            if not d.estimated:
+                d.estimated = True
+                self._check_size(self.nbytes() / max(1, len(entries)), len(d.batch_of), d.max_bytes, started,
+                                 len(entries), d.log)
+            d.done.add((index, draw))
+        self.capture_seconds += time.perf_counter() - started
+        if len(d.done) == len(d.batches) * self.draws:
+            d.log(f"teacher targets: all {len(self.items)} cached in memory, {self.nbytes() / 2**20:.1f} MiB, "
+                  f"{self.capture_seconds:.1f} s of teacher time spread over the steps that needed them")
+            done, self._deferred = d.on_complete, None
+            if done is not None:
+                done()
 
     def _check_size(self, per_item: float, total_entries: int, max_bytes: int, started: float, done: int,
                     log: Callable[[str], None]) -> None:

@@ -254,9 +254,12 @@ def estimate(cfg: TrainConfig, student_path: str | Path, *, resolution: tuple[in
             plan.parts.append(Part("teacher UNet", teacher_bytes, "ram", f"{stored} × {teachers}, in CPU memory"))
             plan.parts.append(Part("teacher block on the device", largest * teachers,
                                    note="--surge_teacher_placement cpu: the largest streamed block"))
-        elif cfg.surge.teacher == "cached":
+        elif cfg.surge.teacher == "cached" and cfg.surge.target_fill == "upfront":
             plan.parts.append(Part("teacher UNet", teacher_bytes, "ram",
                                    f"{stored}, cached targets: offloaded while training"))
+        elif cfg.surge.teacher == "cached":
+            plan.parts.append(Part("teacher UNet", teacher_bytes, note=f"{stored} × {teachers}, on the device until "
+                                   "the last first-use target is filled"))
         else:
             plan.parts.append(Part("teacher UNet", teacher_bytes, note=f"live, {stored} × {teachers}"))
     frozen = sum(sum(p.numel() for p in meta_module(c, configs.get(c)).parameters())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,23 +190,30 @@ def check_cacheable(data: TrainData) -> None:
 
 def build_target_cache(cfg: SurgeConfig, surge: SurgeSetup, loss_fn: DistillLoss, data: TrainData,
                        alphas_cumprod: torch.Tensor, accelerator: Accelerator, log: Callable[[str], None], *,
-                       seed: int, noise_offset: float | None) -> TargetCache:
-    """DESIGN §3 G: the teacher's answers for every entry × draw (and the eval probes), computed once."""
+                       seed: int, noise_offset: float | None, on_complete: Callable[[], None] | None = None
+                       ) -> TargetCache:
+    """DESIGN §3 G: the teacher's answers for every entry × draw (and the eval probes), computed once: all up front,
+    or (`target_fill = first_use`) each the first time a step needs it. `on_complete` runs when all are in."""
     check_cacheable(data)
     traj = loss_fn.teacher_traj_map if surge.teacher_module is not None else None
     key = {"teacher": surge.teacher_id, "traj_units": None if traj is None else traj.names,
            "alphas_cumprod": hashlib.sha256(alphas_cumprod.detach().double().cpu().numpy().tobytes()).hexdigest()}
     cache = TargetCache(cfg.target_draws, seed, noise_offset or 0.0, directory=cfg.target_cache_dir, key=key)
 
-    def batches():
-        for entries in data.sampler.all_batches(0):  # every entry, whichever rank trains it in an epoch
-            batch = data.dataset.get_batch(entries, 0).to(accelerator.device)
-            yield batch.indices, batch.latents, {"encoder_hidden_states": batch.context,
-                                                 "added_cond_kwargs": batch.added_cond}
+    def load(entries: Sequence[int]) -> tuple[list[int], torch.Tensor, dict]:
+        batch = data.dataset.get_batch(list(entries), 0).to(accelerator.device)  # unreadable images left out
+        return batch.indices, batch.latents, {"encoder_hidden_states": batch.context,
+                                              "added_cond_kwargs": batch.added_cond}
 
-    cache.build(batches, len(data.dataset.entries),
-                lambda kwargs: loss_fn.teacher_targets(surge.teacher_call, surge.teacher_module, kwargs),
-                alphas_cumprod, parse_size(cfg.cache_budget), log)
+    build_batches = data.sampler.all_batches(0)  # every entry, whichever rank trains it in an epoch
+    answer = lambda kwargs: loss_fn.teacher_targets(surge.teacher_call, surge.teacher_module, kwargs)  # noqa: E731
+    if cfg.target_fill == "first_use":
+        cache.defer(build_batches, load, answer, alphas_cumprod, parse_size(cfg.cache_budget), log, on_complete)
+    else:
+        cache.build(lambda: (load(entries) for entries in build_batches), len(data.dataset.entries),
+                    answer, alphas_cumprod, parse_size(cfg.cache_budget), log)
+        if on_complete is not None:
+            on_complete()
     with torch.no_grad():
         surge.eval_teacher = [surge.teacher_call(surge.eval_probes.unet_kwargs(index, device=accelerator.device))
                               .float() for index in surge.eval_probes.batches(8)]

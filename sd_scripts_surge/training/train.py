@@ -136,11 +136,14 @@ def train(cfg: TrainConfig) -> Path:
     clock = {"start": time.perf_counter(), "excluded": 0.0}  # wall time of training, evaluation excluded
     targets = None  # DESIGN §3 G: the teacher answered ahead of time (built inside the clock: it is training time)
     if surge is not None and cfg.surge.teacher == "cached":
+        def offload_teacher() -> None:  # not needed on the device until the final teacher samples
+            if accelerator.device.type != "cpu":
+                surge.teacher.to("cpu")
+                log("teacher moved to CPU memory while training from cached targets")
+
         targets = surge_setup.build_target_cache(cfg.surge, surge, loss_fn, data, alphas_cumprod, accelerator, log,
-                                                 seed=cfg.seed, noise_offset=cfg.noise_offset)
-        if accelerator.device.type != "cpu":  # not needed on the device until the final teacher samples
-            surge.teacher.to("cpu")
-            log("teacher moved to CPU memory while training from cached targets")
+                                                 seed=cfg.seed, noise_offset=cfg.noise_offset,
+                                                 on_complete=offload_teacher)
         trace.mark("teacher target cache")
     if surge is not None and cfg.surge.eval_every_n_steps and progress.global_step == 0:
         evaluate(surge, student_module, progress, accelerator, clock)
