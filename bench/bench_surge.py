@@ -112,6 +112,11 @@ ABLATIONS: dict[str, list[str]] = {
     "surge_tuned_rlr1e-3_rb4": _with(METHODS["surge_tuned"], surge_replay_lr="1e-3", surge_replay_batch="4"),
     "surge_tuned_rlr1e-3_rb4_40": _with(METHODS["surge_tuned"], surge_replay_lr="1e-3", surge_replay_batch="4",
                                         surge_replay_steps="40"),
+    # the same, with the teacher's answers filled on first use instead of up front (same values, nothing waits)
+    "surge_tuned_rlr1e-3_rb4_40_fu": _with(METHODS["surge_tuned"], surge_replay_lr="1e-3", surge_replay_batch="4",
+                                           surge_replay_steps="40", surge_target_fill="first_use"),
+    "adamw_kd_cached_fu": _with(METHODS["adamw_kd"], surge_teacher="cached", surge_target_draws="1",
+                                surge_target_fill="first_use"),
     # unit LERP toward a same-architecture teacher checkpoint (task q only: a hooked LoRA teacher has no separate
     # weights to LERP toward), after the half-batch replay, each unit kept only if its downstream error drops
     "surge_tuned_rlr1e-3_rb4_lerp0.5": _with(METHODS["surge_tuned"], surge_replay_lr="1e-3", surge_replay_batch="4",

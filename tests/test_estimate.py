@@ -155,3 +155,25 @@ def test_a_cpu_placed_teacher_costs_the_device_one_block(sdxl_folder):
     assert teacher.where == "ram" and teacher.bytes == parts(resident)["teacher UNet"]
     assert 0 < block.bytes < 0.03 * teacher.bytes  # SDXL's largest block (one transformer layer) is ~2 %
     assert streamed.total("device") < resident.total("device") - 4 * GIB
+
+
+def test_epoch_start_replay_is_a_phase_of_its_own(sdxl_folder):
+    """Replay state (gradient, AdamW moments, snapshot: 4 × the unit's bytes) and the teacher's flavors read into
+    RAM are counted at epoch starts, instead of (not on top of) a step's gradients and activations."""
+    flags = ("--optimizer_type", "ADA_SURGE", "--fused_backward_pass", "--full_bf16", "--mixed_precision", "bf16",
+             "--gradient_checkpointing", "--surge_teacher", "cached")
+    single = plan_for(sdxl_folder, *flags)
+    every = plan_for(sdxl_folder, *flags, "--surge_replay_mode", "all")
+    none = plan_for(sdxl_folder, *flags, "--surge_replay_units", "0")
+    p_single, p_every = parts(single), parts(every)
+    n = 2_567_463_684
+    assert 0.1 * n * 8 < p_single["unit replay state"] < 0.2 * n * 8  # the largest unit (a 1280-wide level)
+    assert 0.95 * n * 8 < p_every["unit replay state"] <= n * 8  # every unit but the embeddings, at once
+    assert p_single["flavors read for replay"] == p_single["flavor cache"]
+    assert "unit replay state" not in parts(none)
+    resident = sum(p.bytes for p in single.parts if p.where == "device" and not p.phase)
+    step = p_single["gradients"] + p_single["activations"]
+    assert single.total() == resident + max(step, p_single["unit replay state"])
+    assert none.total() == resident + step
+    # all-unit replay of a full SDXL fine-tune needs ~19 GiB more at epoch starts: it does not fit 24 GB
+    assert single.fits(24 * GIB) != "does NOT fit" and every.fits(24 * GIB) == "does NOT fit"

@@ -18,6 +18,9 @@ activations are measured by a meta forward + backward graph at the configured ba
   halved for tensors autocast keeps in bf16/fp16;
 - on disk: the flavor cache (probes × seeds × the 4 probe timesteps, every unit's input and output, measured by a
   meta capture, at flavor_resolution when set).
+- at epoch starts, instead of a step's gradients and activations (a phase of its own: `total` takes the larger):
+  unit replay's state (gradient, AdamW moments and rollback snapshot of the largest unit, or of every unit with
+  `replay_mode = all`) and the teacher's flavors read into RAM.
 
 Numbers are estimates: allocator fragmentation, CUDA context (~0.3–0.5 GB) and kernels' workspaces come on top
 (`overhead`), so a plan within ~10 % of the device size is reported as tight.
@@ -51,14 +54,22 @@ class Part:
     bytes: int
     where: str = "device"  # device | ram | disk
     note: str = ""
+    phase: str = ""  # "": held all run; "step": only inside a training step; "replay": only during epoch-start replay
 
 
 @dataclass
 class MemoryPlan:
     parts: list[Part] = field(default_factory=list)
 
-    def total(self, where: str = "device") -> int:
-        return sum(p.bytes for p in self.parts if p.where == where)
+    def total(self, where: str | tuple[str, ...] = "device") -> int:
+        """The peak of `where` (one place or several together): what is held all run plus the larger of the
+        phases that never overlap (a training step's gradients and activations; the epoch-start replay)."""
+        wheres = (where,) if isinstance(where, str) else where
+        mine = [p for p in self.parts if p.where in wheres]
+        phases = {p.phase for p in mine if p.phase}
+        return sum(p.bytes for p in mine if not p.phase) + max(
+            (sum(p.bytes for p in mine if p.phase == phase) for phase in phases), default=0)
+
 
     def fits(self, device_bytes: int) -> str:
         need = self.total() + CUDA_OVERHEAD
@@ -69,7 +80,8 @@ class MemoryPlan:
     def table(self, device_bytes: int = 0) -> str:
         lines = [f"{'component':28s} {'GiB':>8s}  where   note"]
         for p in self.parts:
-            lines.append(f"{p.name:28s} {p.bytes / GIB:8.2f}  {p.where:6s}  {p.note}")
+            when = {"step": " [training steps only]", "replay": " [epoch-start replay only]"}.get(p.phase, "")
+            lines.append(f"{p.name:28s} {p.bytes / GIB:8.2f}  {p.where:6s}  {p.note}{when}")
         lines.append(f"{'total on the device':28s} {self.total() / GIB:8.2f}  (+{CUDA_OVERHEAD / GIB:.1f} overhead)")
         if device_bytes:
             lines.append(f"{'device':28s} {device_bytes / GIB:8.2f}  → {self.fits(device_bytes)}")
@@ -224,9 +236,11 @@ def estimate(cfg: TrainConfig, student_path: str | Path, *, resolution: tuple[in
                                note="bf16" if cfg.full_bf16 else "fp32"))
     if cfg.fused_backward_pass:
         largest = max(p.numel() for p in trained)
-        plan.parts.append(Part("gradients", largest * weight_bytes, note="fused backward: one tensor at a time"))
+        plan.parts.append(Part("gradients", largest * weight_bytes, note="fused backward: one tensor at a time",
+                               phase="step"))
     else:
-        plan.parts.append(Part("gradients", _bytes(trained, weight_bytes), note="one per trained parameter"))
+        plan.parts.append(Part("gradients", _bytes(trained, weight_bytes), note="one per trained parameter",
+                               phase="step"))
     plan.parts.append(Part("optimizer state", optimizer_state_bytes(cfg.optimizer_type, trained, cfg.optimizer_args),
                            note=cfg.optimizer_type))
     if cfg.surge.enabled:
@@ -268,7 +282,7 @@ def estimate(cfg: TrainConfig, student_path: str | Path, *, resolution: tuple[in
     half = cfg.mixed_precision in ("bf16", "fp16")
     acts = activation_bytes(unet, cfg.train_batch_size, height, width, cfg.gradient_checkpointing, half)
     plan.parts.append(Part("activations", acts, note=f"batch {cfg.train_batch_size} at {width}x{height}"
-                           + (", gradient checkpointing" if cfg.gradient_checkpointing else "")))
+                           + (", gradient checkpointing" if cfg.gradient_checkpointing else ""), phase="step"))
     if cfg.surge.enabled:
         per_probe = flavor_bytes(unet, cfg.surge.unit_map, height, width, cfg.surge.flavor_resolution or None)
         pooled = f"pooled to {cfg.surge.flavor_resolution}" if cfg.surge.flavor_resolution else "full size"
@@ -278,6 +292,7 @@ def estimate(cfg: TrainConfig, student_path: str | Path, *, resolution: tuple[in
         plan.parts.append(Part("flavor cache", per_probe * samples, "disk",
                                f"{cfg.surge.probes} probes × {cfg.surge.num_seeds} seeds × {len(PROBE_TIMESTEPS)} "
                                f"timesteps, every unit's input and output, {pooled}"))
+        plan.parts += replay_parts(cfg, unet, per_probe * samples, weight_bytes if not lora else 4)
     if cfg.surge.enabled and cfg.surge.teacher == "cached" and entries:
         traj = bool(cfg.surge.traj_weight) and teachers == 1
         per_entry = target_bytes(unet, cfg.surge.unit_map, height, width, traj)
@@ -288,6 +303,38 @@ def estimate(cfg: TrainConfig, student_path: str | Path, *, resolution: tuple[in
                                + (" + every trajectory unit's input and output" if traj else "")
                                + (" (shards on disk)" if where == "disk" else " (in memory)")))
     return plan
+
+
+def replay_parts(cfg: TrainConfig, unet: nn.Module, flavor_bytes_total: int, weight_bytes: int) -> list[Part]:
+    """The epoch-start replay / unit LERP (surge/distill.py): the teacher's flavors read into RAM, and per replayed
+    parameter its gradient, AdamW's two moments and the rollback snapshot (4 × the parameter's bytes; LERP: the
+    snapshot only). replay_mode single trains one unit at a time (the largest counts), all trains every unit."""
+    s = cfg.surge
+    replaying = s.replay_units > 0 and s.replay_steps > 0
+    if not (replaying or s.lerp_alpha):
+        return []
+    from sd_scripts_surge.surge.units import build_unit_map
+
+    unit_map = build_unit_map(unet, s.unit_map)
+    dim = cfg.network_dim or 4
+
+    def trained(spec) -> int:  # noqa: ANN001
+        modules = [unet.get_submodule(m) for m in spec.modules]
+        if cfg.network_module:  # the LoRA's down + up of every Linear inside the unit
+            return sum(dim * (lin.in_features + lin.out_features) for m in modules for lin in m.modules()
+                       if isinstance(lin, nn.Linear))
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    sizes = [trained(spec) for spec in unit_map.units if spec.kind != "embed"]
+    if not sizes:
+        return []
+    per = 4 if replaying else 1
+    count = sum(sizes) if (replaying and s.replay_mode == "all") else max(sizes)
+    what = ("every unit at once" if replaying and s.replay_mode == "all" else "the largest unit, one at a time")
+    return [Part("unit replay state", count * weight_bytes * per, note=f"{what}: gradient, AdamW moments, snapshot"
+                 if replaying else "unit LERP: the snapshot of the largest unit", phase="replay"),
+            Part("flavors read for replay", flavor_bytes_total, "ram", "the teacher's flavor cache, read into memory",
+                 phase="replay")]
 
 
 def target_bytes(unet: nn.Module, unit_map: str, height: int, width: int, trajectory: bool) -> int:

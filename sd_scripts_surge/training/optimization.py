@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -76,4 +77,7 @@ def fused_backward(max_grad_norm: float, optimizer: torch.optim.Optimizer, accel
         def clip(tensor: torch.Tensor) -> None:  # per tensor, as sd-scripts' fused pass does
             torch.nn.utils.clip_grad_norm_([tensor], max_grad_norm)
     inner.register_fused_backward(clip)
+    # the updates happen inside backward, so optimizer.step() is never called: torch's scheduler would warn at every
+    # run that the schedule is stepped "before optimizer.step()", which here is the design, not a mistake
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step")
     return inner

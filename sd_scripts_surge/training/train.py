@@ -263,8 +263,8 @@ def train(cfg: TrainConfig) -> Path:
         sheet = samples.final_samples(cfg, sources, surge, student, data, samples_before, samples_after, output_dir)
         page = write_report(progress.history, output_dir / "report", samples=sheet, title=f"{cfg.output_name}")
         trace.mark("samples after, report")
-        log(trace.table(None if plan is None else plan.total() + (plan.total("ram") if accelerator.device.type
-                                                                   == "cpu" else 0)))
+        log(trace.table(None if plan is None else plan.total(("device", "ram") if accelerator.device.type == "cpu"
+                                                              else "device")))
         log(f"model: {final}\nreport: {page}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
