@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--head-dim", type=int, default=None, help="attention head width (default: 64 for SDXL/SD2)")
     rb.add_argument("--heads", type=int, default=None, help="attention heads per layer instead (default: 8 for SD1)")
     rb.add_argument("--norm-groups", type=int, default=32, help="GroupNorm groups of the ResBlocks (default 32)")
+    rb.add_argument("--similarity", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="the feed-forward similarity products: bf16 GEMMs whose matching a rounding-error bound "
+                         "proves equal to fp32's (else recomputed in fp32), fp32 only, or auto: bf16 where it "
+                         "measures faster (AMX/AVX512-BF16 CPUs). Same output either way")
     rb.add_argument("--no-progress", action="store_true", help="no progress bar")
     rb.set_defaults(method=None)
     au = sub.add_parser("autombw", help="Bayesian search (optuna TPE) of a recipe's MBW block weights for a reward")
@@ -267,7 +271,7 @@ def _rebasin(args: argparse.Namespace) -> None:
     from merge_tools.rebasin import rebasin
 
     rebasin(args.a, args.b, args.output, head_dim=args.head_dim, heads=args.heads, norm_groups=args.norm_groups,
-            progress=not args.no_progress)
+            similarity=args.similarity, progress=not args.no_progress)
 
 
 def _autombw(args: argparse.Namespace) -> None:

@@ -11,12 +11,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from scipy.optimize import linear_sum_assignment
 
 from merge_tools.cli import main as sd_merge
 from merge_tools.engine import MergeOptions, merge
-from merge_tools.rebasin import Part, PermGroup, rebasin, solve_group
+from merge_tools.rebasin import Part, PermGroup, _assign, _certified_bf16_match, rebasin, solve_group
 from merge_tools.recipe import single_method
 from sd_scripts_surge.models import io
+from sd_scripts_surge.models.fileio import CheckpointError
 from tests.test_lora import run_unet, unet_inputs
 from tests.test_models_io import tiny_sdxl
 
@@ -175,3 +177,100 @@ def test_refuses_mismatched_models(model_a: Path, tmp_path: Path) -> None:
     save_file(sd, str(bad))
     assert sd_merge(["rebasin", str(model_a), str(bad), "-o", str(tmp_path / "o.safetensors"), "--head-dim", "16",
                      "--norm-groups", "16", "--no-progress"]) == 2
+
+
+def _brute_force_block_value(sims: list[np.ndarray], nb: int, bs: int) -> float:
+    """The group optimum the way the first version computed it: every block pair's inner assignments solved."""
+    score = np.zeros((nb, nb))
+    for s in sims:
+        for i in range(nb):
+            for j in range(nb):
+                r, c = linear_sum_assignment(s[i * bs : (i + 1) * bs, j * bs : (j + 1) * bs], maximize=True)
+                score[i, j] += s[i * bs + r, j * bs + c].sum()
+    r, c = linear_sum_assignment(score, maximize=True)
+    return float(score[r, c].sum())
+
+
+@pytest.mark.parametrize("related", [False, True])
+def test_bounded_block_assignment_reaches_the_full_optimum(related: bool) -> None:
+    """The outer problem solved on row-maximum bounds, refined where it picks a bound, reaches the value of
+    solving every block pair (unrelated scores: many refinements; related: none), and keeps blocks whole."""
+    nb, bs = 5, 4
+    group = PermGroup("g", nb * bs, bs, [Part([]), Part([])])
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        sims = [rng.standard_normal((nb * bs, nb * bs)) for _ in range(2)]
+        if related:
+            sims = [s + 6 * np.eye(nb * bs) for s in sims]
+        perms = solve_group(group, sims)
+        value = sum(float(s[np.arange(nb * bs), p].sum()) for s, p in zip(sims, perms))
+        assert value == pytest.approx(_brute_force_block_value(sims, nb, bs), abs=1e-9)
+        for p in perms:
+            assert sorted(p) == list(range(nb * bs))
+            assert all(len(set(p[i * bs : (i + 1) * bs] // bs)) == 1 for i in range(nb))
+        assert all(np.array_equal(perms[0] // bs, p // bs) for p in perms)  # parts share the block order
+
+
+def test_row_maximum_shortcut_is_the_optimal_assignment() -> None:
+    rng = np.random.default_rng(3)
+    for n, spread in ((40, 5.0), (300, 5.0), (300, 0.0)):
+        s = rng.standard_normal((n, n)) + spread * np.eye(n)[rng.permutation(n)]
+        perm, value = _assign(s)
+        r, c = linear_sum_assignment(s, maximize=True)
+        assert value == pytest.approx(float(s[r, c].sum()), abs=1e-9)
+        assert sorted(perm) == list(range(n))
+
+
+def test_bf16_rounding_bound_holds_and_certifies_only_what_fp32_would_pick() -> None:
+    g = torch.Generator().manual_seed(0)
+    n, k = 96, 3000
+    scale = 0.5 + 0.5 * torch.rand(n, 1, generator=g)
+    scale[7] = 0.004  # a nearly dead unit: too small for the coarse bound, settled on its own fp32 row
+    a = (torch.linalg.qr(torch.randn(k, n, generator=g))[0].T * scale).half().float()  # near-orthogonal units
+    exact = a.double() @ a.double().T
+    approx = (a.bfloat16() @ a.bfloat16().T).double()
+    u, gamma = 2.0**-8, k * 2.0**-24
+    bound = u / (1 - u) * approx.abs() + ((1 + u) ** 2 * (1 + gamma) - 1) * torch.outer(a.double().norm(dim=1),
+                                                                                        a.double().norm(dim=1))
+    assert bool(((approx - exact).abs() <= bound).all())  # the documented bound, on k = 3000 products
+
+    perm = torch.randperm(n, generator=g)
+    b = a[perm] + 1e-3 * a[perm].std(dim=1, keepdim=True) * torch.randn(n, k, generator=g)  # a fine-tune, reordered
+    found = _certified_bf16_match(a, b)
+    assert found is not None
+    fp32_perm, fp32_value = _assign((a @ b.T).numpy())
+    assert np.array_equal(found[0], fp32_perm) and np.array_equal(found[0], torch.argsort(perm).numpy())
+    assert found[2] == pytest.approx(fp32_value, rel=1e-5)
+    unrelated = torch.randn(n, k, generator=g)
+    assert _certified_bf16_match(a, unrelated) is None  # no clear winners: left to the fp32 path
+    twin = a.clone()
+    twin[1] = twin[0] + 1e-4 * twin[0].abs().max()  # rows 0 and 1 of B nearly equal: within the bound
+    assert _certified_bf16_match(a, twin) is None
+
+
+def test_bf16_and_fp32_similarities_write_the_same_file(model_a: Path, tmp_path: Path) -> None:
+    sd = load_file(str(model_a))
+    g = torch.Generator().manual_seed(5)
+    noisy = {k: v + 0.02 * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.numel() > 1
+             else v for k, v in sd.items()}
+    b = _save_like(permute_unet(noisy, seed=4), tmp_path / "b.safetensors", model_a)
+    reports = {}
+    for mode in ("bf16", "fp32"):
+        reports[mode] = rebasin(model_a, b, tmp_path / f"{mode}.safetensors", head_dim=HEAD, norm_groups=GROUPS,
+                                similarity=mode, progress=False, log=lambda s: None)
+    assert reports["bf16"].bf16_parts > 0 and reports["fp32"].bf16_parts == 0
+    assert (tmp_path / "bf16.safetensors").read_bytes() == (tmp_path / "fp32.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        rebasin(model_a, b, tmp_path / "x.safetensors", similarity="fp16", progress=False)
+
+
+def test_nan_weight_is_a_clear_error_and_writes_nothing(model_a: Path, tmp_path: Path) -> None:
+    sd = load_file(str(model_a))
+    key = next(k for k in sd if k.endswith("ff.net.2.weight"))
+    sd[key] = sd[key].clone()
+    sd[key][0, 3] = float("nan")
+    bad = _save_like(sd, tmp_path / "bad.safetensors", model_a)
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(CheckpointError, match=rf"{re.escape(key)} in model B holds NaN or Inf"):
+        rebasin(model_a, bad, out, head_dim=HEAD, norm_groups=GROUPS, progress=False, log=lambda s: None)
+    assert not out.exists() and not list(tmp_path.glob("o.safetensors*"))
