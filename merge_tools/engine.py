@@ -267,6 +267,9 @@ class _NodeSource:
         for ci, (s, e) in enumerate(self.ev.plan.chunks):
             yield self.ev.ctx(s, e), [self.ev.value(item, ci) for item in sel]
 
+    def buffer(self, slot: str, dtype: torch.dtype) -> torch.Tensor:
+        return self.ev.ctx(0, self.ev.plan.numel, owner=self.node).buffer(slot, dtype)
+
 
 class KeyEvaluator:
     """Evaluates a recipe tree for one key, chunk by chunk; caches all values when there is one chunk."""

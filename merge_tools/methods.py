@@ -110,6 +110,12 @@ class ChunkSource(Protocol):
 
     def chunks(self, indices: Sequence[int] | None = None) -> Iterator[tuple[ChunkContext, list[Tensor]]]: ...
 
+    def buffer(self, slot: str, dtype: torch.dtype) -> Tensor:
+        """A flat tensor of the whole tensor's length: in the engine the node's persistent buffer for `slot` (the
+        one `ctx.buffer(slot)` hands out in apply when the tensor is one chunk), else a new one. For statistics
+        of one-chunk tensors that apply consumes in place of computing that slot again."""
+        ...
+
 
 _KINDS = {bool: "bool", int: "int", float: "float"}
 
@@ -297,6 +303,9 @@ class _WholeSource:
     def chunks(self, indices: Sequence[int] | None = None) -> Iterator[tuple[ChunkContext, list[Tensor]]]:
         sel = self.inputs if indices is None else [self.inputs[i] for i in indices]
         yield self.ctx, sel
+
+    def buffer(self, slot: str, dtype: torch.dtype) -> Tensor:
+        return self.ctx.buffer(slot, dtype)
 
 
 REGISTRY: dict[str, MethodSpec] = {}
@@ -704,12 +713,14 @@ def _ties_prepare(source: ChunkSource, ctx: ChunkContext, k: float, **_: Any) ->
     for i in range(1, source.n_inputs):
         buf: np.ndarray | None = None
         for c, (b, m) in source.chunks([0, i]):
-            d = torch.sub(m, b)
             if c.start == 0 and c.stop == ctx.numel:  # one chunk: keep τ_i for apply, select on a copy of |τ_i|
-                assert deltas is not None
+                assert deltas is not None  # τ_i in apply's own delta buffer, |τ_i| in a persistent one
+                d = torch.sub(m, b, out=source.buffer(f"delta{i - 1}", torch.promote_types(m.dtype, b.dtype)))
                 deltas.append(d)
-                buf = torch.abs(d).to(torch.float64).numpy()
+                sel = source.buffer("select", torch.float64)
+                buf = (torch.abs(d, out=sel) if d.dtype == torch.float64 else sel.copy_(d).abs_()).numpy()
                 break
+            d = torch.sub(m, b)
             deltas = None
             if buf is None:
                 buf = np.empty(ctx.numel, dtype=np.float64)
