@@ -197,3 +197,30 @@ def test_size_estimate_from_meta_device_matches_real_shard_payload():
             _, flavor = capture_flavor(teacher, unit_map, kwargs, options)
         assert estimate == sum(t.numel() * t.element_size() for t in flavor_to_tensors(flavor).values())
     assert all(p.device.type == "cpu" for p in teacher.parameters())  # the real model was not touched
+
+
+def test_loading_a_unit_window_reads_only_those_units_and_replays_the_same(setup):
+    """Replay of one unit reads only its window's share of the cache, and trains exactly as on the whole cache."""
+    from surge_helpers import perturbed_copy
+
+    from sd_scripts_surge.surge.replay import replay_unit, window_units
+
+    store, _ = build(setup)
+    teacher, unit_map = setup[0], setup[1]
+    names = window_units(unit_map, "IN05", pre_change_layers=1, post_change_layers=2)
+    assert names == ["IN04", "IN05", "IN06", "IN07"]
+    full, part = store.load(0), store.load(0, units=names)
+    assert set(part.units) == set(names) and len(full.units) > len(names)
+    assert part.shared.keys() == full.shared.keys()
+    for n in names:
+        assert torch.equal(part.units[n].output, full.units[n].output)
+        assert torch.equal(part.units[n].input, full.units[n].input)
+    results = []
+    for flavors in ([store.load(i) for i in range(len(store))],
+                    [store.load(i, units=names) for i in range(len(store))]):
+        student = perturbed_copy(teacher, unit_map, ["IN05"], scale=0.3)
+        r = replay_unit(student, unit_map, "IN05", flavors, replay_steps=5, lr=1e-3, pre_change_layers=1,
+                        post_change_layers=2)
+        results.append((r.before, r.after, [p.detach().clone() for p in student.parameters()]))
+    assert results[0][:2] == results[1][:2]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2]))

@@ -31,7 +31,7 @@ from sd_scripts_surge.surge.losses import (
     trajectory_loss,
 )
 from sd_scripts_surge.surge.probes import ProbeSet
-from sd_scripts_surge.surge.replay import ReplayResult, lerp_unit, replay_all_units, replay_unit
+from sd_scripts_surge.surge.replay import ReplayResult, lerp_unit, replay_all_units, replay_unit, window_units
 from sd_scripts_surge.surge.targets import Pairs, TeacherTargets
 from sd_scripts_surge.surge.units import UnitMap
 
@@ -272,9 +272,19 @@ def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, 
     lerping = lerp_teacher is not None and lerp_alpha > 0
     if not (replaying or lerping):
         return update
-    flavors = [store.load(i) for i in range(len(store))]  # read once for replay and LERP
     differing = [u for u in unit_map.names if unit_map[u].kind != "embed" and table[u]["d"] > 0]
+    everything: list[Flavor] | None = None  # all-unit replay reads every unit's flavors at once
+
+    def flavors_for(unit: str) -> list[Flavor]:
+        """What replaying / LERPing one unit reads: its window's share of the flavors (the whole cache of a
+        full-size SDXL at 1024 px is ~57 GiB; one window's share is a few)."""
+        if everything is not None:
+            return everything
+        names = window_units(unit_map, unit, pre_change_layers, post_change_layers)
+        return [store.load(i, units=names) for i in range(len(store))]
+
     if replaying and replay_mode == "all":
+        everything = flavors = [store.load(i) for i in range(len(store))]
         update.replay = replay_all_units(student, unit_map, differing, flavors, replay_steps=replay_steps,
                                          lr=replay_lr, post_change_layers=post_change_layers, params_of=replay_params,
                                          batch=replay_batch)
@@ -290,14 +300,14 @@ def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, 
             params = replay_params(unit) if replay_params is not None else None
             if params is not None and not params:
                 continue  # nothing trainable in this unit (e.g. a LoRA that does not reach it)
-            result = replay_unit(student, unit_map, unit, flavors, replay_steps=replay_steps, lr=replay_lr,
+            result = replay_unit(student, unit_map, unit, flavors_for(unit), replay_steps=replay_steps, lr=replay_lr,
                                  pre_change_layers=pre_change_layers, post_change_layers=post_change_layers,
                                  params=params)
             update.replay.append(result)
             log(f"replay {unit}: window error {result.before:.4g} -> {result.after:.4g} "
                 f"({'kept' if result.accepted else 'rolled back'})")
     if lerping:
-        lerps = [lerp_unit(student, lerp_teacher, unit_map, unit, flavors, lerp_alpha, pre_change_layers,
+        lerps = [lerp_unit(student, lerp_teacher, unit_map, unit, flavors_for(unit), lerp_alpha, pre_change_layers,
                            post_change_layers) for unit in differing]
         update.replay += lerps
         log(f"unit LERP α={lerp_alpha:g} toward the teacher: kept {sum(r.accepted for r in lerps)} of "

@@ -17,11 +17,12 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
@@ -189,8 +190,15 @@ class FlavorStore:
     def probe_indices(self, i: int) -> list[int]:
         return list(self.manifest["shards"][i]["probes"])
 
-    def load(self, i: int) -> Flavor:
-        return flavor_from_tensors(load_file(str(self.directory / self.manifest["shards"][i]["file"])))
+    def load(self, i: int, units: Collection[str] | None = None) -> Flavor:
+        """Probe batch i's flavor; with `units`, only those units' tensors (and the shared ones) are read."""
+        path = str(self.directory / self.manifest["shards"][i]["file"])
+        if units is None:
+            return flavor_from_tensors(load_file(path))
+        wanted = set(units)
+        with safe_open(path, framework="pt") as f:
+            return flavor_from_tensors({k: f.get_tensor(k) for k in f.keys()
+                                        if not k.startswith("unit/") or k.split("/", 2)[1] in wanted})
 
     def total_bytes(self) -> int:
         return sum(s["bytes"] for s in self.manifest["shards"])

@@ -147,6 +147,12 @@ def _window(unit_map: UnitMap, unit: str, pre_change_layers: int, post_change_la
     return _Window(pre, spec, post)
 
 
+def window_units(unit_map: UnitMap, unit: str, pre_change_layers: int = 0, post_change_layers: int = 1) -> list[str]:
+    """The units whose flavors replaying or LERPing `unit` reads: its window (upstream, itself, downstream)."""
+    w = _window(unit_map, unit, pre_change_layers, post_change_layers)
+    return [s.name for s in (*w.pre, w.unit, *w.post)]
+
+
 def _unit_input(unet: nn.Module, window: _Window, teacher: Flavor, device, dtype) -> torch.Tensor:
     """The unit's training/test input: the teacher's cached input, or the student's pre-window output."""
     def cached(spec: UnitSpec) -> torch.Tensor:

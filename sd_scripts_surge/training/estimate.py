@@ -284,7 +284,9 @@ def estimate(cfg: TrainConfig, student_path: str | Path, *, resolution: tuple[in
     plan.parts.append(Part("activations", acts, note=f"batch {cfg.train_batch_size} at {width}x{height}"
                            + (", gradient checkpointing" if cfg.gradient_checkpointing else ""), phase="step"))
     if cfg.surge.enabled:
-        per_probe = flavor_bytes(unet, cfg.surge.unit_map, height, width, cfg.surge.flavor_resolution or None)
+        per_unit, shared = flavor_bytes_by_unit(unet, cfg.surge.unit_map, height, width,
+                                                cfg.surge.flavor_resolution or None)
+        per_probe = shared + sum(per_unit.values())
         pooled = f"pooled to {cfg.surge.flavor_resolution}" if cfg.surge.flavor_resolution else "full size"
         from sd_scripts_surge.training.surge_setup import PROBE_TIMESTEPS
 
@@ -292,7 +294,7 @@ def estimate(cfg: TrainConfig, student_path: str | Path, *, resolution: tuple[in
         plan.parts.append(Part("flavor cache", per_probe * samples, "disk",
                                f"{cfg.surge.probes} probes × {cfg.surge.num_seeds} seeds × {len(PROBE_TIMESTEPS)} "
                                f"timesteps, every unit's input and output, {pooled}"))
-        plan.parts += replay_parts(cfg, unet, per_probe * samples, weight_bytes if not lora else 4)
+        plan.parts += replay_parts(cfg, unet, per_unit, shared, samples, weight_bytes if not lora else 4)
     if cfg.surge.enabled and cfg.surge.teacher == "cached" and entries:
         traj = bool(cfg.surge.traj_weight) and teachers == 1
         per_entry = target_bytes(unet, cfg.surge.unit_map, height, width, traj)
@@ -305,10 +307,13 @@ def estimate(cfg: TrainConfig, student_path: str | Path, *, resolution: tuple[in
     return plan
 
 
-def replay_parts(cfg: TrainConfig, unet: nn.Module, flavor_bytes_total: int, weight_bytes: int) -> list[Part]:
+def replay_parts(cfg: TrainConfig, unet: nn.Module, unit_flavor_bytes: dict[str, int], shared_bytes: int,
+                 samples: int, weight_bytes: int) -> list[Part]:
     """The epoch-start replay / unit LERP (surge/distill.py): the teacher's flavors read into RAM, and per replayed
     parameter its gradient, AdamW's two moments and the rollback snapshot (4 × the parameter's bytes; LERP: the
-    snapshot only). replay_mode single trains one unit at a time (the largest counts), all trains every unit."""
+    snapshot only). replay_mode single trains one unit at a time (the largest counts) and reads one unit's
+    window of the flavors at a time (the largest window counts); all trains every unit on every unit's flavors.
+    unit_flavor_bytes / shared_bytes: one probe sample's flavor bytes per unit and shared; `samples` of them."""
     s = cfg.surge
     replaying = s.replay_units > 0 and s.replay_steps > 0
     if not (replaying or s.lerp_alpha):
@@ -329,12 +334,21 @@ def replay_parts(cfg: TrainConfig, unet: nn.Module, flavor_bytes_total: int, wei
     if not sizes:
         return []
     per = 4 if replaying else 1
-    count = sum(sizes) if (replaying and s.replay_mode == "all") else max(sizes)
-    what = ("every unit at once" if replaying and s.replay_mode == "all" else "the largest unit, one at a time")
+    every = replaying and s.replay_mode == "all"
+    count = sum(sizes) if every else max(sizes)
+    what = "every unit at once" if every else "the largest unit, one at a time"
+    if every:
+        read, read_note = shared_bytes + sum(unit_flavor_bytes.values()), "the teacher's whole flavor cache"
+    else:
+        from sd_scripts_surge.surge.replay import window_units
+
+        windows = [window_units(unit_map, spec.name, s.pre_change_layers, s.post_change_layers)
+                   for spec in unit_map.units if spec.kind != "embed"]
+        read = shared_bytes + max(sum(unit_flavor_bytes.get(n, 0) for n in w) for w in windows)
+        read_note = "the largest unit window's share of the flavor cache, one window at a time"
     return [Part("unit replay state", count * weight_bytes * per, note=f"{what}: gradient, AdamW moments, snapshot"
                  if replaying else "unit LERP: the snapshot of the largest unit", phase="replay"),
-            Part("flavors read for replay", flavor_bytes_total, "ram", "the teacher's flavor cache, read into memory",
-                 phase="replay")]
+            Part("flavors read for replay", read * samples, "ram", read_note, phase="replay")]
 
 
 def target_bytes(unet: nn.Module, unit_map: str, height: int, width: int, trajectory: bool) -> int:
@@ -359,8 +373,10 @@ def target_bytes(unet: nn.Module, unit_map: str, height: int, width: int, trajec
     return total
 
 
-def flavor_bytes(unet: nn.Module, unit_map: str, height: int, width: int, pool_to: int | None) -> int:
-    """Bytes of one probe sample's flavor (every unit's input and output, side inputs), from a meta capture."""
+def flavor_bytes_by_unit(unet: nn.Module, unit_map: str, height: int, width: int,
+                         pool_to: int | None) -> tuple[dict[str, int], int]:
+    """Bytes of one probe sample's flavor, per unit (input, output, side inputs) and shared (embeddings,
+    context), from a meta capture; stored as fp32."""
     from sd_scripts_surge.surge.capture import CaptureOptions, capture_flavor
     from sd_scripts_surge.surge.units import build_unit_map
 
@@ -368,9 +384,12 @@ def flavor_bytes(unet: nn.Module, unit_map: str, height: int, width: int, pool_t
     with torch.no_grad():
         _, flavor = capture_flavor(unet, build_unit_map(unet, unit_map), kwargs,
                                    CaptureOptions(pool_to=pool_to, head_stats=False, time_units=False))
-    tensors = [t for u in flavor.units.values() for t in (u.input, u.output, *u.side.values()) if t is not None]
-    tensors += list(flavor.shared.values())
-    return sum(t.numel() * 4 for t in tensors if torch.is_tensor(t))  # stored as fp32
+
+    def nbytes(tensors) -> int:  # noqa: ANN001
+        return sum(t.numel() * 4 for t in tensors if torch.is_tensor(t))
+
+    per_unit = {name: nbytes((u.input, u.output, *u.side.values())) for name, u in flavor.units.items()}
+    return per_unit, nbytes(flavor.shared.values())
 
 
 def meta_inputs(unet: nn.Module, batch: int, height: int, width: int) -> dict:
