@@ -6,6 +6,8 @@ the merge engine for every trial, and scores the result with a reward:
 - built in, `probes`: agreement with a reference model on fixed probes — the UNet's noise prediction on
   seeded latents, timesteps and conditioning, as −(relative MSE to the reference's prediction). It runs on
   the CPU and needs no data, text encoders or images.
+- `--clip-model DIR --prompts FILE`: the CLIP score of images the merged checkpoint renders for the prompts,
+  with a CLIP model you have locally (`ClipScoreReward`);
 - `--reward-fn module:function`: your own scorer, called as function(checkpoint_path) → float (higher is
   better), e.g. one that renders images and runs an aesthetic or preference model you have installed.
 The study lives in SQLite (`--study`, default beside the output), so a crashed or stopped search resumes
@@ -111,6 +113,87 @@ class ProbeReward:
         return -float(err)
 
 
+class ClipScoreReward:
+    """CLIP score of images the checkpoint renders: mean cosine similarity × 100 between each prompt's CLIP text
+    embedding and the CLIP image embedding of what the checkpoint draws for it (Hessel et al. 2021's CLIPScore
+    without its clamp at 0, so a search sees a slope everywhere), with the
+    CLIP model you have (a transformers CLIP folder: config.json, weights, tokenizer, preprocessor_config.json;
+    e.g. openai/clip-vit-large-patch14 downloaded once). Nothing is fetched: a missing or incomplete folder is a
+    clear error. Rendering: the checkpoint's own text encoders and VAE, Euler, fixed seeds (the same noise for
+    every trial, so trials differ only by their weights); SDXL and SD1 single files or diffusers folders
+    (single files need `tokenizer_dir`: a folder with tokenizer/ [tokenizer_2/])."""
+
+    def __init__(self, clip_dir: str | os.PathLike, prompts: Sequence[str], *,
+                 tokenizer_dir: str | os.PathLike | None = None, steps: int = 20, size: int = 512,
+                 guidance_scale: float = 5.0, seed: int = 0):
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+        clip_dir = Path(clip_dir)
+        if not (clip_dir / "config.json").is_file():
+            raise ValueError(f"--clip-model {clip_dir}: not a transformers CLIP folder (no config.json)")
+        if not prompts:
+            raise ValueError("the CLIP reward needs at least one prompt (--prompts FILE, one per line)")
+        if size % 8 or size < 8 or steps < 1:
+            raise ValueError(f"render size must be a positive multiple of 8 and steps ≥ 1 (got {size}, {steps})")
+        try:
+            self.clip = CLIPModel.from_pretrained(str(clip_dir), local_files_only=True).eval()
+            self.processor = CLIPImageProcessor.from_pretrained(str(clip_dir), local_files_only=True)
+            tokenizer = CLIPTokenizer.from_pretrained(str(clip_dir), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--clip-model {clip_dir}: {e}") from e
+        self.prompts = list(prompts)
+        self.tokenizer_dir = tokenizer_dir
+        self.steps, self.size, self.guidance_scale, self.seed = steps, size, guidance_scale, seed
+        with torch.no_grad():
+            ids = tokenizer(self.prompts, padding="max_length", truncation=True, return_tensors="pt",
+                            max_length=int(getattr(tokenizer, "model_max_length", 77)))
+            text = self.clip.get_text_features(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
+        self.text = torch.nn.functional.normalize(_features(text).float(), dim=-1)
+
+    def render(self, checkpoint: str | os.PathLike) -> list[Any]:
+        """The checkpoint's images for the prompts (PIL), one per prompt, at the reward's fixed seed."""
+        from sd_scripts_surge.models.io import load_model
+        from sd_scripts_surge.models.text import encode_prompts_sdxl, tokenize
+        from sd_scripts_surge.training.sampling import decode_to_images, generate_latents
+
+        bundle = load_model(checkpoint, tokenizer_dir=self.tokenizer_dir)
+        if bundle.tokenizer_1 is None or (bundle.arch == "sdxl" and bundle.tokenizer_2 is None):
+            raise ValueError(f"{checkpoint}: no tokenizers to encode the prompts (give the tokenizer folder)")
+        for m in bundle.modules().values():
+            m.eval()
+
+        def encode(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if bundle.arch == "sdxl":
+                return encode_prompts_sdxl(captions, (bundle.tokenizer_1, bundle.tokenizer_2),
+                                           (bundle.text_encoder_1, bundle.text_encoder_2))
+            with torch.no_grad():
+                return bundle.text_encoder_1(tokenize(bundle.tokenizer_1, captions)).last_hidden_state, None
+
+        prediction = "v_prediction" if bundle.metadata.get("modelspec.prediction_type") == "v" else "epsilon"
+        images = []
+        for i, prompt in enumerate(self.prompts):  # one at a time: a 1024 px SDXL batch would not fit
+            latents = generate_latents(bundle.unet, encode, [prompt], height=self.size, width=self.size,
+                                       steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed + i,
+                                       prediction_type=prediction)
+            images += decode_to_images(bundle.vae, latents)
+        return images
+
+    @torch.no_grad()
+    def score_images(self, images: Sequence[Any]) -> float:
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        emb = torch.nn.functional.normalize(_features(self.clip.get_image_features(pixel_values=pixels)).float(),
+                                            dim=-1)
+        return float(100 * (emb * self.text).sum(dim=-1).mean())
+
+    def __call__(self, checkpoint: Path) -> float:
+        return self.score_images(self.render(checkpoint))
+
+
+def _features(out: Any) -> torch.Tensor:
+    """transformers returns the projected features as a tensor (or, in newer versions, an output object)."""
+    return out if torch.is_tensor(out) else getattr(out, "pooler_output", out[0])
+
+
 def load_reward_fn(spec: str) -> Callable[[Path], float]:
     """`module:function` (module importable from the current directory or sys.path)."""
     module, sep, name = spec.partition(":")
@@ -156,6 +239,11 @@ def autombw(
     *,
     reference: str | os.PathLike | None = None,
     reward_fn: str | None = None,
+    clip_model: str | os.PathLike | None = None,
+    prompts: Sequence[str] = (),
+    tokenizer_dir: str | os.PathLike | None = None,
+    render_steps: int = 20,
+    render_size: int = 512,
     trials: int = 50,
     node: str | None = None,
     param: str | None = None,
@@ -188,12 +276,21 @@ def autombw(
     if not arch.known:
         raise ValueError(f"autombw: {first} is not a known architecture, so it has no MBW blocks")
     dims = block_groups(arch, groups)
+    given = [name for name, v in (("--reference", reference), ("--reward-fn", reward_fn),
+                                  ("--clip-model", clip_model)) if v]
+    if len(given) > 1:
+        raise ValueError(f"autombw takes one reward, got {' and '.join(given)}")
+    reward: Callable[[Path], float]
     if reward_fn:
         reward = load_reward_fn(reward_fn)
+    elif clip_model:
+        reward = ClipScoreReward(clip_model, prompts, tokenizer_dir=tokenizer_dir, steps=render_steps,
+                                 size=render_size, seed=seed)
     elif reference:
         reward = ProbeReward(reference, probes=probes, seed=seed)
     else:
-        raise ValueError("autombw needs --reference REF.safetensors (probe reward) or --reward-fn module:function")
+        raise ValueError("autombw needs a reward: --reference REF.safetensors (probes), --clip-model DIR with "
+                         "--prompts FILE (CLIP score of rendered images), or --reward-fn module:function")
 
     def recipe_for(weights: dict[str, float]) -> dict[str, Any]:
         new = copy.deepcopy(data)

@@ -182,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("-o", "--output", required=True, help="the best recipe, written as TOML")
     au.add_argument("--reference", help="reward: agreement with this model's noise prediction on fixed probes")
     au.add_argument("--reward-fn", help="reward: your module:function(checkpoint_path) -> float (higher = better)")
+    au.add_argument("--clip-model", help="reward: CLIP score of rendered images, with this local transformers "
+                    "CLIP folder (e.g. a downloaded openai/clip-vit-large-patch14); needs --prompts")
+    au.add_argument("--prompts", help="the CLIP reward's prompts: a text file, one per line")
+    au.add_argument("--tokenizer-dir", help="the CLIP reward: tokenizers for single-file checkpoints "
+                    "(a folder with tokenizer/ [tokenizer_2/])")
+    au.add_argument("--render-steps", type=int, default=20, help="the CLIP reward: sampling steps (default 20)")
+    au.add_argument("--render-size", type=int, default=512, help="the CLIP reward: image size in px (default 512)")
     au.add_argument("--trials", type=int, default=50, help="trials in total, counting finished ones (default 50)")
     au.add_argument("--node", help="the node to search (default: the final node)")
     au.add_argument("--param", help="its parameter to search (default: the method's MBW parameter)")
@@ -277,7 +284,18 @@ def _rebasin(args: argparse.Namespace) -> None:
 def _autombw(args: argparse.Namespace) -> None:
     from merge_tools.autombw import autombw
 
-    autombw(args.recipe, args.output, reference=args.reference, reward_fn=args.reward_fn, trials=args.trials,
+    prompts: list[str] = []
+    if args.prompts:
+        try:
+            text = Path(args.prompts).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"--prompts {args.prompts}: {e.strerror or e}") from e
+        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    elif args.clip_model:
+        raise ValueError("--clip-model needs --prompts FILE (one prompt per line)")
+    autombw(args.recipe, args.output, reference=args.reference, reward_fn=args.reward_fn,
+            clip_model=args.clip_model, prompts=prompts, tokenizer_dir=args.tokenizer_dir,
+            render_steps=args.render_steps, render_size=args.render_size, trials=args.trials,
             node=args.node, param=args.param, groups=args.groups, low=args.low, high=args.high,
             study_path=args.study, seed=args.seed, probes=args.probes, plots=args.plots,
             progress=not args.no_progress)
