@@ -219,6 +219,8 @@ def _certified_bf16_match(
     own ±2γ‖a_i‖‖b_j‖. Two fine-tunes of one base clear it by a wide margin (measured on SDXL: the best column
     leads by 0.9‖a‖‖b‖, the bound is 0.008‖a‖ max‖b‖). Returns (σ, Σ<A_i, B_i>, Σ<A_i, B_σ(i)>), the sums in fp32."""
     size, k = rows_a.shape
+    if size < 2:  # nothing to match
+        return None
     scratch = scratch or Scratch()
     low_a = scratch.take("bf16_a", (size, k), torch.bfloat16).copy_(rows_a)
     low_b = scratch.take("bf16_b", (size, k), torch.bfloat16).copy_(rows_b)
