@@ -126,6 +126,10 @@ ABLATIONS: dict[str, list[str]] = {
     # LERP with the teacher's answers filled on first use; without replay; replaying and LERPing at step 0 only
     "surge_tuned_rlr1e-3_rb4_lerp1_fu": _with(METHODS["surge_tuned"], surge_replay_lr="1e-3", surge_replay_batch="4",
                                               surge_lerp_alpha="1", surge_target_fill="first_use"),
+    # LERP before the replay: the units whose teacher copy is kept are left out of the replay (--surge_lerp_first)
+    "surge_tuned_rlr1e-3_rb4_lerp1_fu_first": _with(METHODS["surge_tuned"], surge_replay_lr="1e-3",
+                                                    surge_replay_batch="4", surge_lerp_alpha="1",
+                                                    surge_target_fill="first_use", surge_lerp_first="true"),
     "surge_tuned_rlr1e-3_rb4_lerp0.5_fu": _with(METHODS["surge_tuned"], surge_replay_lr="1e-3",
                                                 surge_replay_batch="4", surge_lerp_alpha="0.5",
                                                 surge_target_fill="first_use"),

@@ -316,6 +316,30 @@ def test_unit_lerp_toward_a_same_architecture_teacher(tiny_kit, tmp_path: Path, 
 
 
 @pytest.mark.slow
+def test_lerp_first_leaves_the_units_it_copied_out_of_the_replay(tiny_kit, tmp_path: Path) -> None:  # noqa: F811
+    """--surge_lerp_first with α = 1: LERP runs before the all-unit replay, and the replay trains only the units
+    whose copy of the teacher was not kept; without it replay comes first and covers every unit."""
+    cfg = write_config(tmp_path / "cfg.toml", tiny_kit, tmp_path / "out", steps=1)
+    modes = {}
+    for first in (True, False):
+        out = tmp_path / f"out-{first}"
+        train(parse_train_args(["--config_file", str(cfg), "--output_dir", str(out), "--surge_lerp_alpha", "1",
+                                "--surge_replay_mode", "all", "--surge_replay_units", "1", "--surge_replay_steps",
+                                "2"] + (["--surge_lerp_first"] if first else [])))
+        modes[first] = json.loads((out / "report" / "history.json").read_text())["epochs"][0]["replay"]
+    first, after = modes[True], modes[False]
+    n_lerp = sum(r["mode"] == "lerp" for r in first)
+    assert [r["mode"] for r in first] == ["lerp"] * n_lerp + ["train_all"] * (len(first) - n_lerp)
+    copied = {r["unit"] for r in first if r["mode"] == "lerp" and r["accepted"]}
+    assert copied and not copied & {r["unit"] for r in first if r["mode"] == "train_all"}
+    assert {r["unit"] for r in first if r["mode"] == "train_all"} | copied == {r["unit"] for r in after
+                                                                            if r["mode"] == "train_all"} | copied
+    assert after[0]["mode"] == "train_all" and after[-1]["mode"] == "lerp"
+    with pytest.raises(Exception, match="surge_lerp_alpha > 0"):
+        parse_train_args(["--surge_lerp_first"])
+
+
+@pytest.mark.slow
 def test_replay_epochs_limits_replay_and_lerp_to_the_first_epochs(tiny_kit, tmp_path: Path) -> None:  # noqa: F811
     """--surge_replay_epochs 1: epoch 0 starts with unit LERP, epoch 1 re-measures and moves the LRs without it."""
     dataset = one_repeat_dataset(tmp_path / "dataset.toml", tiny_kit)

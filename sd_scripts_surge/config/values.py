@@ -182,6 +182,8 @@ def validate(c: TrainConfig, where: str) -> None:
     s = c.surge
     need(not s.lerp_alpha or not c.network_module, "surge_lerp_alpha",
          "moves the student's own weights toward the teacher's: a full fine-tune, not a LoRA")
+    need(not s.lerp_first or s.lerp_alpha > 0, "surge_lerp_first", "orders unit LERP before replay: set "
+         "surge_lerp_alpha > 0 too")
     need(s.target_fill == "upfront" or (s.teacher == "cached" and not s.target_cache_dir), "surge_target_fill",
          "first_use fills the in-memory target cache of surge_teacher = \"cached\": set that, and no "
          "surge_target_cache_dir")

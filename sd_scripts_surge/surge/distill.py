@@ -239,6 +239,7 @@ def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, 
                        replay_params: Callable[[str], list[tuple[str, nn.Parameter]] | None] | None = None,
                        controller_mode: str = "surge", random_seed: int = 0, replay_mode: str = "single",
                        lerp_teacher: nn.Module | None = None, lerp_alpha: float = 0.0, replay_batch: int = 0,
+                       lerp_first: bool = False,
                        log: Callable[[str], None] = print) -> SurgeUpdate:
     """DESIGN §3 B–E for one epoch. Every rank calls it; statistics are all-reduced so all ranks agree.
 
@@ -246,7 +247,8 @@ def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, 
     (DESIGN §3 H: every unit with a difference, teacher-forced, in one batched replay; `replay_units` > 0 turns
     it on; `replay_batch` samples of a cached batch per step, 0 = all). `lerp_teacher` (a same-architecture
     teacher UNet) and `lerp_alpha` > 0: every unit with a difference is LERPed toward it after replay (DESIGN
-    §3 E), each kept only by the same downstream test.
+    §3 E), each kept only by the same downstream test; `lerp_first`: before replay instead, and with α = 1 the
+    units whose LERP was kept (now the teacher's own weights) are not replayed.
     controller_mode: "surge" (DESIGN §3 D), "random" (ablation: log-uniform multipliers in
     [1/shock_rate, shock_rate] drawn from `random_seed`) or "off" (every multiplier stays 1).
     Replay changes weights: every rank runs it on the same cached flavors, then the caller broadcasts the
@@ -284,16 +286,33 @@ def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, 
         return [store.load(i, units=names) for i in range(len(store))]
 
     if replaying and replay_mode == "all":
-        everything = flavors = [store.load(i) for i in range(len(store))]
-        update.replay = replay_all_units(student, unit_map, differing, flavors, replay_steps=replay_steps,
-                                         lr=replay_lr, post_change_layers=post_change_layers, params_of=replay_params,
-                                         batch=replay_batch)
-        kept = [r.unit for r in update.replay if r.accepted]
-        log(f"replay (all units, {replay_steps} steps): kept {len(kept)}/{len(update.replay)}; window error "
-            f"{sum(r.before for r in update.replay):.4g} -> {sum(r.after for r in update.replay):.4g} (sum)")
+        everything = [store.load(i) for i in range(len(store))]
+
+    def lerp() -> list[ReplayResult]:
+        assert lerp_teacher is not None
+        lerps = [lerp_unit(student, lerp_teacher, unit_map, unit, flavors_for(unit), lerp_alpha, pre_change_layers,
+                           post_change_layers) for unit in differing]
+        log(f"unit LERP α={lerp_alpha:g} toward the teacher: kept {sum(r.accepted for r in lerps)} of "
+            f"{len(lerps)} units")
+        return lerps
+
+    copied: set[str] = set()  # units LERP (first) replaced by the teacher's: nothing left to replay there
+    if lerping and lerp_first:
+        update.replay += lerp()
+        if lerp_alpha >= 1:
+            copied = {r.unit for r in update.replay if r.accepted}
+    if replaying and replay_mode == "all":
+        assert everything is not None
+        replays = replay_all_units(student, unit_map, [u for u in differing if u not in copied], everything,
+                                   replay_steps=replay_steps, lr=replay_lr, post_change_layers=post_change_layers,
+                                   params_of=replay_params, batch=replay_batch)
+        update.replay += replays
+        kept = [r.unit for r in replays if r.accepted]
+        log(f"replay (all units, {replay_steps} steps): kept {len(kept)}/{len(replays)}; window error "
+            f"{sum(r.before for r in replays):.4g} -> {sum(r.after for r in replays):.4g} (sum)")
     elif replaying:
         candidates = sorted(
-            (u for u in zones.high_difference if unit_map[u].kind != "embed"),
+            (u for u in zones.high_difference if unit_map[u].kind != "embed" and u not in copied),
             key=lambda u: -table[u]["d"],
         )[:replay_units]
         for unit in candidates:
@@ -306,10 +325,6 @@ def surge_epoch_update(student: nn.Module, unit_map: UnitMap, probes: ProbeSet, 
             update.replay.append(result)
             log(f"replay {unit}: window error {result.before:.4g} -> {result.after:.4g} "
                 f"({'kept' if result.accepted else 'rolled back'})")
-    if lerping:
-        lerps = [lerp_unit(student, lerp_teacher, unit_map, unit, flavors_for(unit), lerp_alpha, pre_change_layers,
-                           post_change_layers) for unit in differing]
-        update.replay += lerps
-        log(f"unit LERP α={lerp_alpha:g} toward the teacher: kept {sum(r.accepted for r in lerps)} of "
-            f"{len(lerps)} units")
+    if lerping and not lerp_first:
+        update.replay += lerp()
     return update

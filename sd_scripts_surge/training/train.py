@@ -372,6 +372,7 @@ def surge_update(cfg: TrainConfig, surge: surge_setup.SurgeSetup, student_module
         options=surge.capture_options, rules=surge.rules, replay_units=surge.replay_units if replay else 0,
         replay_mode=surge.replay_mode,
         lerp_teacher=surge.lerp_teacher if replay else None, lerp_alpha=cfg.surge.lerp_alpha,
+        lerp_first=cfg.surge.lerp_first,
         replay_steps=cfg.surge.replay_steps, replay_lr=surge.replay_lr, replay_batch=cfg.surge.replay_batch,
         pre_change_layers=cfg.surge.pre_change_layers, post_change_layers=cfg.surge.post_change_layers,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
