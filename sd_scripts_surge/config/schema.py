@@ -345,7 +345,7 @@ class SurgeConfig:
                             "checkpoint, full fine-tune), at every epoch start, each unit kept only if its "
                             "downstream error does not grow (0: off)", ge=0, le=1)
     lerp_first: bool = opt(False, "unit LERP before replay instead of after it; with lerp_alpha = 1 the units whose "
-                           "LERP is kept (now the teacher's weights) are left out of the replay")
+                           "LERP is kept (now the teacher's weights) are left out of the replay", value_bool=True)
     teacher: str = opt("live", "live: run the teacher every step; cached: its answers for K draws per image "
                        "computed once, up front", choices=("live", "cached"))
     teacher_placement: str = opt("gpu", "where the frozen teacher UNet lives: gpu (the training device) or cpu (CPU "
