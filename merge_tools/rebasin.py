@@ -41,6 +41,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from merge_tools.io import OutputEntry, SafetensorsWriter, TensorReader, finalize, refuse_overwrite, side_paths
+from merge_tools.methods import Workspace
 from sd_scripts_surge.models.fileio import CheckpointError
 from sd_scripts_surge.models.keymap import detect_architecture
 
@@ -132,22 +133,14 @@ def permutation_groups(
     return groups
 
 
-class Scratch:
-    """Persistent flat buffers, one per role, grown on demand: a group's reads, rows and products reuse memory
-    already faulted in (fresh ~100 MB allocations cost as much in page faults as the copies that fill them)."""
+def _take(ws: Workspace, role: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """A persistent buffer of `ws` shaped `shape`: a group's reads, rows and products reuse memory already
+    faulted in (fresh ~100 MB allocations cost as much in page faults as the copies that fill them)."""
+    return ws.get((role,), math.prod(shape), dtype).view(tuple(shape))
 
-    def __init__(self) -> None:
-        self._bufs: dict[tuple[str, torch.dtype], Tensor] = {}
 
-    def take(self, role: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
-        n = math.prod(shape)
-        buf = self._bufs.get((role, dtype))
-        if buf is None or buf.numel() < n:
-            buf = self._bufs[role, dtype] = torch.empty(n, dtype=dtype)
-        return buf[:n].view(tuple(shape))
-
-    def into(self, role: str) -> Callable[[int], Tensor]:
-        return lambda nbytes: self.take(role, (nbytes,), torch.uint8)
+def _into(ws: Workspace, role: str) -> Callable[[int], Tensor]:
+    return lambda nbytes: ws.get((role,), nbytes, torch.uint8)
 
 
 def _part_rows(part: Part, size: int, t: dict[str, Tensor], out: Tensor | None = None) -> Tensor:
@@ -163,19 +156,21 @@ def _part_rows(part: Part, size: int, t: dict[str, Tensor], out: Tensor | None =
     return out
 
 
-def _part_width(part: Part, size: int, t: dict[str, Tensor]) -> int:
-    return sum(t[m.key].numel() // t[m.key].shape[m.axis] for m in part.members)
+def _rows_pair(part: Part, size: int, a: dict[str, Tensor], b: dict[str, Tensor],
+               ws: Workspace) -> tuple[Tensor, Tensor]:
+    """Both models' rows of a part, fp32, in `ws`'s persistent row buffers."""
+    width = sum(a[m.key].numel() // a[m.key].shape[m.axis] for m in part.members)
+    return (_part_rows(part, size, a, _take(ws, "rows_a", (size, width), torch.float32)),
+            _part_rows(part, size, b, _take(ws, "rows_b", (size, width), torch.float32)))
 
 
 def _similarity(part: Part, size: int, a: dict[str, Tensor], b: dict[str, Tensor],
-                scratch: Scratch | None = None, role: str = "") -> np.ndarray:
+                ws: Workspace | None = None, role: str = "") -> np.ndarray:
     """S[i, j] = Σ_members <A_i, B_j> as one fp32 GEMM of the members' rows side by side (the similarities only
     rank candidate matches; fp32 runs at twice to four times the fp64 speed and the sum needs no extra pass)."""
-    scratch = scratch or Scratch()
-    width = _part_width(part, size, a)
-    rows_a = _part_rows(part, size, a, scratch.take("rows_a", (size, width), torch.float32))
-    rows_b = _part_rows(part, size, b, scratch.take("rows_b", (size, width), torch.float32))
-    return torch.mm(rows_a, rows_b.T, out=scratch.take("sim" + role, (size, size), torch.float32)).numpy()
+    ws = ws or Workspace()
+    rows_a, rows_b = _rows_pair(part, size, a, b, ws)
+    return torch.mm(rows_a, rows_b.T, out=_take(ws, "sim" + role, (size, size), torch.float32)).numpy()
 
 
 BF16_UNIT = 2.0**-8  # unit roundoff of bf16 (8 significant bits)
@@ -203,7 +198,7 @@ def bf16_gemm_pays() -> bool:
 
 
 def _certified_bf16_match(
-    rows_a: Tensor, rows_b: Tensor, scratch: Scratch | None = None
+    rows_a: Tensor, rows_b: Tensor, ws: Workspace | None = None
 ) -> tuple[np.ndarray, float, float] | None:
     """The assignment of an unblocked part from a bf16 GEMM, when a rounding-error bound proves it is the one the
     fp32 similarities give (each row's best column, all distinct); None when the bound cannot prove it.
@@ -221,10 +216,10 @@ def _certified_bf16_match(
     size, k = rows_a.shape
     if size < 2:  # nothing to match
         return None
-    scratch = scratch or Scratch()
-    low_a = scratch.take("bf16_a", (size, k), torch.bfloat16).copy_(rows_a)
-    low_b = scratch.take("bf16_b", (size, k), torch.bfloat16).copy_(rows_b)
-    top = torch.mm(low_a, low_b.T, out=scratch.take("bf16_sim", (size, size), torch.bfloat16)).topk(2, dim=1)
+    ws = ws or Workspace()
+    low_a = _take(ws, "bf16_a", (size, k), torch.bfloat16).copy_(rows_a)
+    low_b = _take(ws, "bf16_b", (size, k), torch.bfloat16).copy_(rows_b)
+    top = torch.mm(low_a, low_b.T, out=_take(ws, "bf16_sim", (size, size), torch.bfloat16)).topk(2, dim=1)
     cols = top.indices[:, 0]
     if int(torch.bincount(cols, minlength=size).max()) > 1:
         return None
@@ -315,13 +310,13 @@ def solve_group(group: PermGroup, sims: Sequence[np.ndarray]) -> list[np.ndarray
 
 def match_group(
     group: PermGroup, a: dict[str, Tensor], b: dict[str, Tensor], bf16: bool | str = False,
-    scratch: Scratch | None = None,
+    ws: Workspace | None = None,
 ) -> tuple[list[np.ndarray], float, float, int]:
     """The group's permutations and Σ<A, B> before / after, and how many parts the certified bf16 GEMM settled.
 
     bf16: try `_certified_bf16_match` on unblocked parts (True: every one; "large": those of ≥ BF16_MIN_MACS
     multiply-adds); a part it cannot certify falls back to the fp32 similarities. The result is the same."""
-    scratch = scratch or Scratch()
+    ws = ws or Workspace()
     n = group.size
     for side, tensors in (("A", a), ("B", b)):  # a non-finite weight would poison every similarity it touches
         for key, t in tensors.items():
@@ -330,14 +325,12 @@ def match_group(
     if group.block == n and bf16:
         perms, before, after, fast = [], 0.0, 0.0, 0
         for part in group.parts:
-            width = _part_width(part, n, a)
-            rows_a = _part_rows(part, n, a, scratch.take("rows_a", (n, width), torch.float32))
-            rows_b = _part_rows(part, n, b, scratch.take("rows_b", (n, width), torch.float32))
+            rows_a, rows_b = _rows_pair(part, n, a, b, ws)
             found = None
-            if bf16 is True or n * n * width >= BF16_MIN_MACS:
-                found = _certified_bf16_match(rows_a, rows_b, scratch)
+            if bf16 is True or n * n * rows_a.shape[1] >= BF16_MIN_MACS:
+                found = _certified_bf16_match(rows_a, rows_b, ws)
             if found is None:
-                sim = torch.mm(rows_a, rows_b.T, out=scratch.take("sim", (n, n), torch.float32)).numpy()
+                sim = torch.mm(rows_a, rows_b.T, out=_take(ws, "sim", (n, n), torch.float32)).numpy()
                 perm, value = _assign(sim)
                 found = perm, float(np.trace(sim)), value
             else:
@@ -346,7 +339,7 @@ def match_group(
             before += found[1]
             after += found[2]
         return perms, before, after, fast
-    sims = [_similarity(part, n, a, b, scratch, str(i)) for i, part in enumerate(group.parts)]
+    sims = [_similarity(part, n, a, b, ws, str(i)) for i, part in enumerate(group.parts)]
     perms = solve_group(group, sims)
     before = float(sum(np.trace(s) for s in sims))
     after = float(sum(s[np.arange(group.size), p].sum() for s, p in zip(sims, perms)))
@@ -427,12 +420,12 @@ def rebasin(
             # each group's tensors are written as soon as its permutation is known (B is read once)
             # the next group's tensors are read on a thread while this one is solved (preadv releases the GIL),
             # into buffers of its own parity, so reads, rows and products all reuse memory
-            scratch = Scratch()
+            ws = Workspace()
 
             def load(n: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
                 keys = sorted({m.key for part in groups[n].parts for m in part.members})
-                return ({k: _read(ra, k, scratch.into(f"{n % 2}a{i}")) for i, k in enumerate(keys)},
-                        {k: _read(rb, k, scratch.into(f"{n % 2}b{i}")) for i, k in enumerate(keys)})
+                return ({k: _read(ra, k, _into(ws, f"{n % 2}a{i}")) for i, k in enumerate(keys)},
+                        {k: _read(rb, k, _into(ws, f"{n % 2}b{i}")) for i, k in enumerate(keys)})
 
             pool = ThreadPoolExecutor(1, thread_name_prefix="rebasin-read")
             pending = pool.submit(load, 0) if groups else None
@@ -440,7 +433,7 @@ def rebasin(
                 assert pending is not None
                 ta, tb = pending.result()
                 pending = pool.submit(load, n + 1) if n + 1 < len(groups) else None
-                perms, before, after, fast = match_group(g, ta, tb, use_bf16, scratch)
+                perms, before, after, fast = match_group(g, ta, tb, use_bf16, ws)
                 report.groups.append(GroupResult(g.name, perms, before, after))
                 report.bf16_parts += fast
                 index: dict[str, dict[int, np.ndarray]] = {}
