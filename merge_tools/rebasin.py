@@ -143,12 +143,9 @@ def _into(ws: Workspace, role: str) -> Callable[[int], Tensor]:
     return lambda nbytes: ws.get((role,), nbytes, torch.uint8)
 
 
-def _part_rows(part: Part, size: int, t: dict[str, Tensor], out: Tensor | None = None) -> Tensor:
-    """The members' rows side by side, [size, Σ rest] fp32: each copied (and widened) once into its columns."""
+def _part_rows(part: Part, size: int, t: dict[str, Tensor], out: Tensor) -> Tensor:
+    """The members' rows side by side in `out` ([size, Σ rest] fp32): each copied (and widened) once."""
     views = [t[m.key].narrow(m.axis, m.offset, size).movedim(m.axis, 0).reshape(size, -1) for m in part.members]
-    width = sum(v.shape[1] for v in views)
-    if out is None:
-        out = torch.empty(size, width)
     col = 0
     for v in views:
         out[:, col : col + v.shape[1]].copy_(v)
@@ -164,11 +161,10 @@ def _rows_pair(part: Part, size: int, a: dict[str, Tensor], b: dict[str, Tensor]
             _part_rows(part, size, b, _take(ws, "rows_b", (size, width), torch.float32)))
 
 
-def _similarity(part: Part, size: int, a: dict[str, Tensor], b: dict[str, Tensor],
-                ws: Workspace | None = None, role: str = "") -> np.ndarray:
+def _similarity(part: Part, size: int, a: dict[str, Tensor], b: dict[str, Tensor], ws: Workspace,
+                role: str) -> np.ndarray:
     """S[i, j] = Σ_members <A_i, B_j> as one fp32 GEMM of the members' rows side by side (the similarities only
     rank candidate matches; fp32 runs at twice to four times the fp64 speed and the sum needs no extra pass)."""
-    ws = ws or Workspace()
     rows_a, rows_b = _rows_pair(part, size, a, b, ws)
     return torch.mm(rows_a, rows_b.T, out=_take(ws, "sim" + role, (size, size), torch.float32)).numpy()
 
